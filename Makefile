@@ -1,0 +1,42 @@
+# One command each: the targets create the virtual environment they need.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of torch lies on the development and CI machines; an unpinned torch
+# would pull a multi-GB CUDA build.
+TORCH_PIN := torch==2.13.0
+# The lowest Flax release pyproject admits (it still spells the partitioning key
+# `sharding_names`); `make test` repeats the Flax-facing tests on it.
+FLAX_MIN := flax==0.12.1
+FLAX_MIN_VENV := .venv-flax-min
+
+.PHONY: demo test test-flax-min lint clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH_PIN)
+	$(BIN)/pip install -q -e '.[torch,dev]'
+	touch $@
+
+$(FLAX_MIN_VENV)/bin/.installed: pyproject.toml
+	$(PYTHON) -m venv $(FLAX_MIN_VENV)
+	$(FLAX_MIN_VENV)/bin/pip install -q --upgrade pip
+	$(FLAX_MIN_VENV)/bin/pip install -q '$(FLAX_MIN)' -e '.' pytest hypothesis
+	touch $@
+
+demo: $(BIN)/.installed
+	$(BIN)/python examples/demo.py
+
+test: $(BIN)/.installed test-flax-min
+	$(BIN)/python -m pytest -q
+
+test-flax-min: $(FLAX_MIN_VENV)/bin/.installed
+	$(FLAX_MIN_VENV)/bin/python -m pytest -q -m flax_compat -p no:cacheprovider
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) $(FLAX_MIN_VENV) .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,42 @@
+"""bridge: convert model state between PyTorch, Flax NNX, Flax Linen, Orbax and msgpack."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from bridge import formats as _formats  # noqa: F401  (registers the built-in adapters)
+from bridge.api import Plan, PlanRow, conversions, convert, detect, formats, plan, route
+from bridge.errors import BridgeError, FormatError, MismatchError, NoRouteError
+from bridge.graph import Context, Edge, Format, register_conversion, register_format
+from bridge.mapping import Problem, Report, Rule
+from bridge.tree import FlatState, Leaf, Path
+
+try:
+    __version__ = version("state-bridge")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0"
+
+__all__ = [
+    "BridgeError",
+    "Context",
+    "Edge",
+    "FlatState",
+    "Format",
+    "FormatError",
+    "Leaf",
+    "MismatchError",
+    "NoRouteError",
+    "Path",
+    "Plan",
+    "PlanRow",
+    "Problem",
+    "Report",
+    "Rule",
+    "__version__",
+    "conversions",
+    "convert",
+    "detect",
+    "formats",
+    "plan",
+    "register_conversion",
+    "register_format",
+    "route",
+]

@@ -1,0 +1,183 @@
+"""The public functions. They are thin: detect the source, ask the graph for a route,
+read, transform along the route, match against the template, write."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, Literal, overload
+
+from bridge.graph import GRAPH, Context, Edge, Format
+from bridge.mapping import Report, Rule, apply_rules, match
+from bridge.tree import FlatState
+
+
+def detect(obj: Any) -> str:
+    """The name of `obj`'s format; a `FormatError` saying why when none fits."""
+    return GRAPH.detect(obj)
+
+
+def formats() -> dict[str, Format]:
+    """The registered formats by name."""
+    return dict(GRAPH.formats)
+
+
+def conversions() -> list[Edge]:
+    """Every registered edge."""
+    return [edge for out in GRAPH.edges.values() for edge in out.values()]
+
+
+def route(src: str, dst: str) -> list[Edge]:
+    """The hops `convert` takes from `src` to `dst`, whatever the call provides."""
+    return GRAPH.route(src, dst)
+
+
+def _run(
+    obj: Any,
+    to: str,
+    source: str | None,
+    template: Any,
+    rules: Sequence[Rule] | None,
+    strict: bool,
+    options: dict[str, Any],
+) -> tuple[str, list[Edge], FlatState, Context]:
+    """Everything `convert` does but writing the target: no array is touched."""
+    src = source or GRAPH.detect(obj)
+    ctx = Context(template, list(rules) if rules else None, strict, options)
+    hops = GRAPH.route(src, to, ctx.satisfies())
+    src_format, dst_format = GRAPH.format(src), GRAPH.format(to)
+    known = src_format.options | dst_format.options
+    if unknown := sorted(set(options) - known):
+        raise TypeError(
+            f"unknown option(s) {unknown} for {src} -> {to}; known: {sorted(known) or 'none'}"
+        )
+    flat = {
+        path: leaf.replace(source=src_format.spell(path, leaf))
+        for path, leaf in src_format.read(obj, ctx).items()
+    }
+    flat = apply_rules(flat, ctx.rules, ctx.report)
+    for edge in hops:
+        if edge.transform is not None:
+            flat = edge.transform(flat, ctx)
+    if template is not None:
+        template_format = GRAPH.format(GRAPH.detect(template))
+        flat = match(flat, template_format.read(template, ctx), ctx.report, dst_format.spell)
+    return src, hops, flat, ctx
+
+
+@overload
+def convert(
+    obj: Any,
+    to: str,
+    *,
+    source: str | None = ...,
+    template: Any = ...,
+    rules: Sequence[Rule] | None = ...,
+    strict: Literal[True] = ...,
+    **options: Any,
+) -> Any: ...
+@overload
+def convert(
+    obj: Any,
+    to: str,
+    *,
+    source: str | None = ...,
+    template: Any = ...,
+    rules: Sequence[Rule] | None = ...,
+    strict: Literal[False],
+    **options: Any,
+) -> tuple[Any, Report]: ...
+def convert(
+    obj: Any,
+    to: str,
+    *,
+    source: str | None = None,
+    template: Any = None,
+    rules: Sequence[Rule] | None = None,
+    strict: bool = True,
+    **options: Any,
+) -> Any:
+    """Convert `obj` to format `to` along the cheapest lossless route.
+
+    `template` is the target's skeleton (concrete or abstract); every one of its leaves
+    must receive exactly one source leaf. `rules` rename source keys first. With
+    `strict=True` any mismatch raises `MismatchError`; with `strict=False` the call
+    returns `(result, report)` and the report lists every leaf it could not fill.
+    """
+    _, _, flat, ctx = _run(obj, to, source, template, rules, strict, options)
+    if strict:
+        ctx.report.raise_if_failed()
+    result = GRAPH.format(to).write(flat, ctx)
+    return result if strict else (result, ctx.report)
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanRow:
+    source: str
+    target: str
+    transform: str
+    dtype: str
+    nbytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What `convert` would do, computed without moving data: the route, one row per
+    target leaf, and the report of what would not match."""
+
+    source: str
+    target: str
+    route: list[Edge]
+    rows: list[PlanRow]
+    report: Report
+
+    @property
+    def lossy(self) -> bool:
+        return any(edge.lossy for edge in self.route)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(row.nbytes for row in self.rows)
+
+    def __str__(self) -> str:
+        hops = " ; ".join(str(edge) for edge in self.route) or "(same format)"
+        header = ("source", "target", "transform", "dtype", "bytes")
+        cells = [header] + [
+            (row.source or "(none)", row.target, row.transform or "-", row.dtype, f"{row.nbytes:,}")
+            for row in self.rows
+        ]
+        widths = [max(len(line[i]) for line in cells) for i in range(len(header))]
+        table = [
+            "  ".join(cell.rjust(w) if i == 4 else cell.ljust(w) for i, (cell, w) in
+                      enumerate(zip(line, widths, strict=True))).rstrip()
+            for line in cells
+        ]
+        table.insert(1, "  ".join("-" * w for w in widths))
+        return "\n".join(
+            [
+                f"plan {self.source} -> {self.target}: {hops}",
+                *table,
+                f"{len(self.rows)} leaves, {self.nbytes:,} bytes",
+                str(self.report),
+            ]
+        )
+
+
+def plan(
+    obj: Any,
+    to: str,
+    *,
+    source: str | None = None,
+    template: Any = None,
+    rules: Sequence[Rule] | None = None,
+    strict: bool = True,
+    **options: Any,
+) -> Plan:
+    """The route and per-leaf table `convert` would use, without moving any data."""
+    src, hops, flat, ctx = _run(obj, to, source, template, rules, strict, options)
+    spell = GRAPH.format(to).spell
+    rows = [
+        PlanRow(leaf.source, spell(path, leaf), leaf.transform, str(leaf.dtype), leaf.nbytes)
+        for path, leaf in flat.items()
+    ]
+    return Plan(src, to, hops, rows, ctx.report)

@@ -1,0 +1,130 @@
+"""Linen variables: `{collection: {module: {... : array}}}`, dict or FrozenDict, plain or
+boxed (`nn.Partitioned`, `nn.LogicallyPartitioned`, Flax's `NNXMeta`).
+
+The collection is the leaf's kind; Flax's registry ties it to an NNX Variable type. Paths
+are spelled the Linen way (`layers_0`); matching against a template restores list
+indices. Transient state (NNX RNG) has no place here: the edge into Linen drops it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+from flax.core import meta
+from flax.nnx import State, variablelib
+from flax.nnx.bridge.variables import NNXMeta
+
+from bridge.errors import FormatError
+from bridge.graph import Context, register_conversion, register_format
+from bridge.tree import (
+    MESH,
+    SHARDING,
+    SHARDING_RULES,
+    FlatState,
+    Leaf,
+    Path,
+    flatten_mapping,
+    flax_metadata,
+    linen_path,
+    normalize_metadata,
+    unflatten_mapping,
+)
+
+_PARTITIONING = {SHARDING, MESH, SHARDING_RULES}
+
+
+def _unbox(box: Any) -> tuple[Any, dict[str, Any]]:
+    """A Linen leaf -> (array, canonical metadata)."""
+    if isinstance(box, NNXMeta):
+        return box.value, dict(box.metadata)
+    if isinstance(box, nn.LogicallyPartitioned):
+        return box.value, {SHARDING: box.names, MESH: box.mesh, SHARDING_RULES: box.rules}
+    if isinstance(box, meta.Partitioned):
+        return box.value, {SHARDING: box.names, MESH: box.mesh}
+    if isinstance(box, meta.AxisMetadata):
+        return box.unbox(), {}
+    return box, {}
+
+
+def _box(leaf: Leaf) -> Any:
+    """A leaf -> the Linen box that keeps its metadata (a plain array when it has none)."""
+    extra = set(leaf.metadata) - _PARTITIONING
+    if extra:
+        variable_type = variablelib.variable_type_from_name(leaf.kind or "params", allow_register=True)
+        return NNXMeta(variable_type, leaf.value, flax_metadata(leaf.metadata))
+    if SHARDING not in leaf.metadata:
+        return leaf.value
+    names, mesh = leaf.metadata[SHARDING], leaf.metadata.get(MESH)
+    if SHARDING_RULES in leaf.metadata:
+        return nn.LogicallyPartitioned(leaf.value, names, mesh, leaf.metadata[SHARDING_RULES])
+    return nn.Partitioned(leaf.value, names, mesh)
+
+
+def read_linen(variables: Mapping[str, Any], ctx: Context) -> FlatState:
+    flat: FlatState = {}
+    for (collection, *rest), box in flatten_mapping(variables).items():
+        path = tuple(rest)
+        if path in flat:
+            raise FormatError(
+                f"Linen variables hold {'/'.join(map(str, path))!r} in both "
+                f"{flat[path].kind!r} and {collection!r}; NNX cannot hold both under one path"
+            )
+        value, metadata = _unbox(box)
+        flat[path] = Leaf(value, kind=collection, metadata=normalize_metadata(metadata))
+    return flat
+
+
+def write_linen(flat: FlatState, ctx: Context) -> dict[str, Any]:
+    boxed = ctx.options.get("boxed", False)
+    out: dict[tuple[str, ...], Any] = {}
+    unboxed_metadata = 0
+    for path, leaf in flat.items():
+        key = (leaf.kind or "params", *linen_path(path))
+        if key in out:
+            raise FormatError(
+                f"two leaves map to Linen path {'/'.join(key)!r}; rename one with rules=..."
+            )
+        out[key] = _box(leaf) if boxed else leaf.value
+        unboxed_metadata += bool(leaf.metadata) and not boxed
+    if unboxed_metadata:
+        ctx.report.notes.append(
+            f"{unboxed_metadata} leaves written as plain arrays without their metadata "
+            "(partitioning, ...); pass boxed=True to keep it"
+        )
+    return unflatten_mapping(out)
+
+
+def drop_transient(flat: FlatState, ctx: Context) -> FlatState:
+    """The lossy step into Linen: RNG state has no Linen counterpart."""
+    ctx.report.dropped.extend(leaf.source for leaf in flat.values() if leaf.transient)
+    return {path: leaf for path, leaf in flat.items() if not leaf.transient}
+
+
+def spell(path: Path, leaf: Leaf) -> str:
+    return "/".join((leaf.kind or "params", *linen_path(path)))
+
+
+def detect(obj: Any) -> float:
+    """Collection-first dicts; sure when every top key is a registered collection name."""
+    if isinstance(obj, State) or not isinstance(obj, Mapping) or not obj:
+        return 0.0
+    if not all(isinstance(key, str) and isinstance(value, Mapping) for key, value in obj.items()):
+        return 0.0
+    return 0.9 if set(obj) <= set(variablelib.VariableTypeCache) else 0.4
+
+
+register_format(
+    "linen",
+    detect=detect,
+    read=read_linen,
+    write=write_linen,
+    description="Linen variables {collection: {...}}, dict or FrozenDict, boxed or not",
+    spell=spell,
+    options={"boxed"},
+)
+register_conversion("linen", "nnx_state")
+register_conversion(
+    "nnx_state", "linen", lossy=True, loses="NNX RNG state", transform=drop_transient
+)

@@ -1,0 +1,127 @@
+"""NNX: a Module (`nnx`) and its State (`nnx_state`, or the pure dict of `to_pure_dict`).
+
+Variable types become leaf kinds through Flax's own registry (`params` <-> `nnx.Param`,
+custom subclasses registered under their class name), so a kind means the same thing
+to every format. RNG state is marked transient: other formats may not hold it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.nnx import variablelib
+
+from bridge.graph import Context, register_conversion, register_format
+from bridge.tree import (
+    FlatState,
+    Leaf,
+    Path,
+    flatten_mapping,
+    flax_metadata,
+    normalize_metadata,
+)
+
+_FLAGS = variablelib.Variable.required_metadata
+"""Metadata that says how a Variable behaves in this process (ref, hijax, eager
+sharding), not what it holds: not carried between formats."""
+
+
+def kind_of(variable_type: type[nnx.Variable]) -> str:
+    return variablelib.variable_name_from_type(variable_type, allow_register=True)
+
+
+def type_of(kind: str | None) -> type[nnx.Variable]:
+    return variablelib.variable_type_from_name(kind or "params", allow_register=True)
+
+
+def _leaf(variable: Any) -> Leaf:
+    if not isinstance(variable, nnx.Variable):
+        return Leaf(variable)
+    metadata = {k: v for k, v in variable.get_metadata().items() if k not in _FLAGS}
+    return Leaf(
+        variable.get_value(),
+        kind=kind_of(type(variable)),
+        metadata=normalize_metadata(metadata),
+        transient=isinstance(variable, nnx.RngState),
+    )
+
+
+def read_state(state: Any, ctx: Context) -> FlatState:
+    if isinstance(state, nnx.State):
+        return {tuple(path): _leaf(variable) for path, variable in nnx.to_flat_state(state)}
+    return {tuple(path): Leaf(value) for path, value in flatten_mapping(state).items()}
+
+
+def read_module(model: nnx.Module, ctx: Context) -> FlatState:
+    return read_state(nnx.state(model), ctx)
+
+
+def _template_variables(template: Any) -> dict[Path, nnx.Variable]:
+    if isinstance(template, nnx.Module):
+        template = nnx.state(template)
+    if not isinstance(template, nnx.State):
+        return {}
+    return {tuple(path): variable for path, variable in nnx.to_flat_state(template)}
+
+
+def _fresh_rng(leaf: Leaf, index: int, seed: int) -> Any:
+    """Concrete RNG state for a placeholder: an abstract template holds no keys."""
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+        key = jax.random.fold_in(jax.random.key(seed), index)
+        return jax.random.split(key, leaf.shape) if leaf.shape else key
+    return jnp.zeros(leaf.shape, leaf.dtype)
+
+
+def write_state(flat: FlatState, ctx: Context) -> nnx.State:
+    like = _template_variables(ctx.template)
+    seed = ctx.options.get("rng_seed", 0)
+    variables = []
+    for index, (path, leaf) in enumerate(flat.items()):
+        value = leaf.value
+        if leaf.transient and leaf.is_abstract:
+            value = _fresh_rng(leaf, index, seed)
+            ctx.report.notes.append(f"{path}: RNG state re-created (rng_seed={seed})")
+        metadata = flax_metadata(leaf.metadata)
+        if path in like:
+            variable = like[path].replace(value=value, **metadata)
+        else:
+            with nnx.use_eager_sharding(False):
+                variable = type_of(leaf.kind)(value, **metadata)
+        variables.append((path, variable))
+    return nnx.from_flat_state(variables)
+
+
+def write_module(flat: FlatState, ctx: Context) -> nnx.Module:
+    graphdef, _ = nnx.split(ctx.template)
+    return nnx.merge(graphdef, write_state(flat, ctx))
+
+
+def _is_pure_state(obj: Any) -> bool:
+    if not isinstance(obj, Mapping) or not obj:
+        return False
+    leaves = flatten_mapping(obj).values()
+    return all(hasattr(leaf, "shape") and hasattr(leaf, "dtype") for leaf in leaves)
+
+
+register_format(
+    "nnx",
+    detect=lambda obj: 1.0 if isinstance(obj, nnx.Module) else 0.0,
+    read=read_module,
+    write=write_module,
+    description="an nnx.Module, concrete or abstract (nnx.eval_shape)",
+    options={"rng_seed"},
+)
+register_format(
+    "nnx_state",
+    detect=lambda obj: 1.0 if isinstance(obj, nnx.State) else 0.5 * _is_pure_state(obj),
+    read=read_state,
+    write=write_state,
+    description="an nnx.State, or the nested dict of nnx.to_pure_dict",
+    options={"rng_seed"},
+)
+register_conversion("nnx", "nnx_state")
+register_conversion("nnx_state", "nnx", needs={"template"})

@@ -1,0 +1,138 @@
+"""Flat paths and leaves: the one internal representation every format converts through.
+
+A state is a flat mapping `path -> Leaf`; a path is a tuple of `str` and `int` parts,
+spelled the NNX way (`("layers", 0, "kernel")`). The spellings of the other formats
+(torch's dotted keys, Linen's `layers_0`) are converted here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from flax import traverse_util
+from flax.core import meta
+
+Path = tuple[str | int, ...]
+
+SHARDING = "out_sharding"
+"""Canonical metadata key for partition / logical axis names (Flax's current spelling)."""
+LEGACY_SHARDING_KEYS = ("sharding_names", "sharding")
+SHARDING_RULES = "sharding_rules"
+MESH = "mesh"
+
+
+@dataclasses.dataclass(frozen=True)
+class Leaf:
+    """One array of a state, with what its format knows about it.
+
+    `value` is an array (jax or numpy) or an abstract `jax.ShapeDtypeStruct`; it is
+    never copied when only the wrapping changes. `kind` is the Linen collection name,
+    which names the NNX Variable type through Flax's registry (None when the format has
+    no such notion). `metadata` is NNX-style Variable metadata with the sharding key
+    spelled `out_sharding`. `transient` marks state a format re-creates rather than
+    stores (NNX RNG state). `source` and `transform` record provenance for plans.
+    """
+
+    value: Any
+    kind: str | None = None
+    metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    transient: bool = False
+    source: str = ""
+    transform: str = ""
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        shape = getattr(self.value, "shape", None)
+        return tuple(shape) if shape is not None else np.shape(self.value)
+
+    @property
+    def dtype(self) -> Any:
+        dtype = getattr(self.value, "dtype", None)
+        return dtype if dtype is not None else np.asarray(self.value).dtype
+
+    @property
+    def nbytes(self) -> int:
+        try:
+            itemsize = np.dtype(self.dtype).itemsize
+        except TypeError:  # extended dtypes (PRNG keys) have no numpy counterpart
+            itemsize = getattr(self.dtype, "itemsize", 0)
+        return int(np.prod(self.shape, dtype=np.int64)) * itemsize
+
+    @property
+    def is_abstract(self) -> bool:
+        """True for a placeholder (`ShapeDtypeStruct`) that holds no data."""
+        return isinstance(self.value, jax.ShapeDtypeStruct)
+
+    def replace(self, **changes: Any) -> Leaf:
+        return dataclasses.replace(self, **changes)
+
+
+FlatState = dict[Path, Leaf]
+
+
+def _installed_sharding_key() -> str:
+    """The partitioning key of the installed Flax, as Flax's own Linen box reports it."""
+    probe = meta.Partitioned(None, names=()).to_nnx_metadata()
+    return next(key for key in (SHARDING, *LEGACY_SHARDING_KEYS) if key in probe)
+
+
+FLAX_SHARDING = _installed_sharding_key()
+
+
+def normalize_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """Canonical metadata: the partitioning key spelled `out_sharding` whatever Flax
+    version wrote it, and no `mesh: None` (it says nothing)."""
+    out = dict(metadata)
+    for legacy in LEGACY_SHARDING_KEYS:
+        if legacy in out:
+            out.setdefault(SHARDING, out.pop(legacy))
+    if MESH in out and out[MESH] is None:
+        del out[MESH]
+    return out
+
+
+def flax_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """Canonical metadata spelled the way the installed Flax expects it."""
+    out = dict(metadata)
+    if SHARDING in out:
+        out[FLAX_SHARDING] = out.pop(SHARDING)
+    return out
+
+
+def dotted(path: Path) -> str:
+    """`("h", 0, "attn")` -> `"h.0.attn"` (torch's spelling, and the one rules match on)."""
+    return ".".join(str(part) for part in path)
+
+
+def parse_dotted(key: str) -> Path:
+    """`"h.0.attn"` -> `("h", 0, "attn")`: all-digit parts are list indices."""
+    return tuple(int(part) if part.isdigit() else part for part in key.split("."))
+
+
+def linen_path(path: Path) -> tuple[str, ...]:
+    """`("layers", 0, "kernel")` -> `("layers_0", "kernel")`: Linen names list items."""
+    out: list[str] = []
+    for part in path:
+        if isinstance(part, int) and out:
+            out[-1] = f"{out[-1]}_{part}"
+        else:
+            out.append(str(part))
+    return tuple(out)
+
+
+def match_key(path: Path) -> str:
+    """The spelling-independent key two paths are matched by (`"layers_0/kernel"`)."""
+    return "/".join(linen_path(path))
+
+
+def flatten_mapping(tree: Mapping[Any, Any]) -> dict[tuple[Any, ...], Any]:
+    """Nested dicts (FrozenDicts too) -> `{path: leaf}`; anything not a dict is a leaf."""
+    return traverse_util.flatten_dict(tree)
+
+
+def unflatten_mapping(flat: Mapping[tuple[Any, ...], Any]) -> dict[Any, Any]:
+    return traverse_util.unflatten_dict(dict(flat))
