@@ -148,8 +148,10 @@ class Plan:
         ]
         widths = [max(len(line[i]) for line in cells) for i in range(len(header))]
         table = [
-            "  ".join(cell.rjust(w) if i == 4 else cell.ljust(w) for i, (cell, w) in
-                      enumerate(zip(line, widths, strict=True))).rstrip()
+            "  ".join(
+                cell.rjust(w) if i == 4 else cell.ljust(w)
+                for i, (cell, w) in enumerate(zip(line, widths, strict=True))
+            ).rstrip()
             for line in cells
         ]
         table.insert(1, "  ".join("-" * w for w in widths))

@@ -186,7 +186,9 @@ class Graph:
 
 
 def _describe(obj: Any) -> str:
-    text = repr(obj) if isinstance(obj, str) else f"a {type(obj).__module__}.{type(obj).__qualname__}"
+    text = (
+        repr(obj) if isinstance(obj, str) else f"a {type(obj).__module__}.{type(obj).__qualname__}"
+    )
     return text if len(text) < 80 else text[:77] + "..."
 
 
@@ -223,6 +225,4 @@ def register_conversion(
     transform: Transform | None = None,
 ) -> Edge:
     """Add an edge `src -> dst`; `transform` edits the flat state on the way (if any)."""
-    return GRAPH.add_edge(
-        Edge(src, dst, cost, lossy, frozenset(needs), loses, transform)
-    )
+    return GRAPH.add_edge(Edge(src, dst, cost, lossy, frozenset(needs), loses, transform))

@@ -141,7 +141,9 @@ def match(
         key = match_key(path)
         if key in by_key:
             other = source[by_key[key]]
-            report.ambiguous.append(Problem(key, found=f"both {other.source!r} and {leaf.source!r}"))
+            report.ambiguous.append(
+                Problem(key, found=f"both {other.source!r} and {leaf.source!r}")
+            )
         else:
             by_key[key] = path
 
@@ -153,7 +155,12 @@ def match(
         if source_path is None:
             out[target_path] = target_leaf.replace(source="(template)" * target_leaf.transient)
             if target_leaf.transient:
-                report.notes.append(f"{spell_target(target_path, target_leaf)}: from the template")
+                origin = (
+                    "re-created (abstract template)"
+                    if target_leaf.is_abstract
+                    else "from the template"
+                )
+                report.notes.append(f"{spell_target(target_path, target_leaf)}: {origin}")
             else:
                 unfilled[key] = target_path
             continue
@@ -162,7 +169,9 @@ def match(
         if disagreement:
             expected, found = disagreement
             report.mismatched.append(
-                Problem(spell_target(target_path, target_leaf), expected, f"{found} at {leaf.source!r}")
+                Problem(
+                    spell_target(target_path, target_leaf), expected, f"{found} at {leaf.source!r}"
+                )
             )
         out[target_path] = target_leaf.replace(
             value=leaf.value,
@@ -172,13 +181,19 @@ def match(
         )
 
     leftovers = {key: path for key, path in by_key.items() if not source[path].transient}
-    report.dropped.extend(source[path].source for key, path in by_key.items() if key not in leftovers)
+    report.dropped.extend(
+        source[path].source for key, path in by_key.items() if key not in leftovers
+    )
     for key, target_path in unfilled.items():
         target_leaf = template[target_path]
         nearest = _nearest(key, leftovers)
         spelled = spell_target(target_path, target_leaf)
         report.missing.append(
-            Problem(spelled, describe(target_leaf), nearest=source[leftovers[nearest]].source if nearest else None)
+            Problem(
+                spelled,
+                describe(target_leaf),
+                nearest=source[leftovers[nearest]].source if nearest else None,
+            )
         )
         if target_leaf.is_abstract:
             report.abstract.append(spelled)
@@ -189,7 +204,9 @@ def match(
             Problem(
                 leaf.source,
                 found=describe(leaf),
-                nearest=spell_target(unfilled[nearest], template[unfilled[nearest]]) if nearest else None,
+                nearest=spell_target(unfilled[nearest], template[unfilled[nearest]])
+                if nearest
+                else None,
             )
         )
     return out

@@ -81,7 +81,8 @@ def tokens() -> jax.Array:
 def leaves_of(model: nnx.Module) -> dict:
     """`{path: (Variable type, array)}` of a model, for bit-exact comparisons."""
     return {
-        tuple(path): (type(var), var.get_value()) for path, var in nnx.to_flat_state(nnx.state(model))
+        tuple(path): (type(var), var.get_value())
+        for path, var in nnx.to_flat_state(nnx.state(model))
     }
 
 

@@ -110,7 +110,9 @@ def test_a_user_format_registers_in_a_few_lines_and_convert_routes_through_it():
             "npz_state",
             detect=lambda obj: float(isinstance(obj, NpzState)),
             read=lambda obj, ctx: {parse_dotted(k): Leaf(v, kind="params") for k, v in obj.items()},
-            write=lambda flat, ctx: NpzState({dotted(p): np.asarray(l.value) for p, l in flat.items()}),
+            write=lambda flat, ctx: NpzState(
+                {dotted(p): np.asarray(leaf.value) for p, leaf in flat.items()}
+            ),
             description="a flat dict of numpy arrays",
         )
         bridge.register_conversion("npz_state", "nnx_state")

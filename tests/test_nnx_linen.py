@@ -59,8 +59,11 @@ def test_linen_to_nnx_is_bit_exact_and_shares_the_arrays(abstract):
 
 def test_template_is_not_mutated():
     template = make_nnx_net(seed=5)
-    before = {path: np.asarray(value) for path, (_, value) in leaves_of(template).items()
-              if path[0] != "drop"}
+    before = {
+        path: np.asarray(value)
+        for path, (_, value) in leaves_of(template).items()
+        if path[0] != "drop"
+    }
     bridge.convert(bridge.convert(make_nnx_net(seed=6), to="linen"), to="nnx", template=template)
     for path, value in before.items():
         assert_same_arrays(leaves_of(template)[path][1], value)
@@ -101,7 +104,10 @@ def test_to_nnx_state_and_from_frozen_dict():
 
 
 def test_linen_to_nnx_state_without_template_keeps_linen_names():
-    variables = {"params": {"Dense_0": {"kernel": jnp.ones((2, 3))}}, "batch_stats": {"m": jnp.ones(3)}}
+    variables = {
+        "params": {"Dense_0": {"kernel": jnp.ones((2, 3))}},
+        "batch_stats": {"m": jnp.ones(3)},
+    }
     state = bridge.convert(variables, to="nnx_state")
     assert isinstance(state["Dense_0"]["kernel"], nnx.Param)
     assert isinstance(state["m"], nnx.BatchStat)
@@ -150,8 +156,11 @@ def test_custom_variable_type_and_custom_collection_both_ways():
     model = bridge.convert(variables, to="nnx", template=WithCustom())
     assert type(model.ema) is Slow
 
-    state = bridge.convert({"params": {"w": jnp.ones(2)}, "my_stats": {"s": jnp.zeros(4)}},
-                           to="nnx_state", source="linen")
+    state = bridge.convert(
+        {"params": {"w": jnp.ones(2)}, "my_stats": {"s": jnp.zeros(4)}},
+        to="nnx_state",
+        source="linen",
+    )
     custom = state["s"]
     assert type(custom).__name__ == "my_stats" and issubclass(type(custom), nnx.Variable)
     assert set(bridge.convert(state, to="linen")) == {"params", "my_stats"}
@@ -174,8 +183,9 @@ def test_rules_map_linen_names_onto_nnx_attributes():
     template = nnx.eval_shape(lambda: Stack(nnx.Rngs(0)))
     with pytest.raises(bridge.MismatchError):
         bridge.convert(variables, to="nnx", template=template)
-    model = bridge.convert(variables, to="nnx", template=template,
-                           rules=[(r"^Dense_(\d+)", r"layers.\1")])
+    model = bridge.convert(
+        variables, to="nnx", template=template, rules=[(r"^Dense_(\d+)", r"layers.\1")]
+    )
     np.testing.assert_array_equal(model.layers[1](model.layers[0](x)), Mlp().apply(variables, x))
 
 
@@ -225,7 +235,7 @@ def test_dtype_mismatch_is_reported():
 
 def test_two_collections_under_one_path_is_a_format_error():
     variables = {"params": {"x": jnp.ones(2)}, "batch_stats": {"x": jnp.ones(2)}}
-    with pytest.raises(bridge.FormatError, match="'x'.*both"):
+    with pytest.raises(bridge.FormatError, match=r"'x'.*both"):
         bridge.convert(variables, to="nnx_state")
 
 

@@ -52,7 +52,9 @@ def _box(leaf: Leaf) -> Any:
     """A leaf -> the Linen box that keeps its metadata (a plain array when it has none)."""
     extra = set(leaf.metadata) - _PARTITIONING
     if extra:
-        variable_type = variablelib.variable_type_from_name(leaf.kind or "params", allow_register=True)
+        variable_type = variablelib.variable_type_from_name(
+            leaf.kind or "params", allow_register=True
+        )
         return NNXMeta(variable_type, leaf.value, flax_metadata(leaf.metadata))
     if SHARDING not in leaf.metadata:
         return leaf.value

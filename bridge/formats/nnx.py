@@ -20,6 +20,7 @@ from bridge.tree import (
     FlatState,
     Leaf,
     Path,
+    dotted,
     flatten_mapping,
     flax_metadata,
     normalize_metadata,
@@ -84,7 +85,7 @@ def write_state(flat: FlatState, ctx: Context) -> nnx.State:
         value = leaf.value
         if leaf.transient and leaf.is_abstract:
             value = _fresh_rng(leaf, index, seed)
-            ctx.report.notes.append(f"{path}: RNG state re-created (rng_seed={seed})")
+            ctx.report.notes.append(f"{dotted(path)}: RNG state created with rng_seed={seed}")
         metadata = flax_metadata(leaf.metadata)
         if path in like:
             variable = like[path].replace(value=value, **metadata)
