@@ -254,3 +254,15 @@ def test_worked_case_shared_kernel_doubles_the_output():
     assert variables["params"]["kernel"] is linear.kernel.get_value()  # same object, no copy
     total = nn.Dense(2, use_bias=False).apply(variables, x) + linear(x)
     np.testing.assert_allclose(total, 2 * linear(x), rtol=0, atol=0)
+
+
+def test_nnx_to_linen_into_an_abstract_linen_template(tokens):
+    model = make_nnx_net()
+    template = jax.eval_shape(LinenNet().init, jax.random.key(0), tokens)
+    variables = bridge.convert(model, to="linen", template=template)
+    assert jax.tree.structure(variables) == jax.tree.structure(template)
+    np.testing.assert_array_equal(LinenNet().apply(variables, tokens), model(tokens))
+
+    del template["params"]["layers_1"]
+    with pytest.raises(bridge.MismatchError, match=r"(?s)unexpected.*layers\.1\.kernel"):
+        bridge.convert(model, to="linen", template=template)
