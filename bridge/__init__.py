@@ -4,7 +4,13 @@ from importlib.metadata import PackageNotFoundError, version
 
 from bridge import formats as _formats  # noqa: F401  (registers the built-in adapters)
 from bridge.api import Plan, PlanRow, conversions, convert, detect, formats, plan, route
-from bridge.errors import BridgeError, FormatError, MismatchError, NoRouteError
+from bridge.errors import (
+    BridgeError,
+    FormatError,
+    MismatchError,
+    NoRouteError,
+    OutputExistsError,
+)
 from bridge.graph import Context, Edge, Format, register_conversion, register_format
 from bridge.mapping import Problem, Report, Rule
 from bridge.tree import FlatState, Leaf, Path
@@ -24,6 +30,7 @@ __all__ = [
     "Leaf",
     "MismatchError",
     "NoRouteError",
+    "OutputExistsError",
     "Path",
     "Plan",
     "PlanRow",

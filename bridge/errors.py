@@ -16,6 +16,10 @@ class FormatError(BridgeError, ValueError):
     """The input is of no known format, or is corrupt, or cannot hold what is asked."""
 
 
+class OutputExistsError(BridgeError, FileExistsError):
+    """The output path exists and `overwrite=True` was not given."""
+
+
 class NoRouteError(BridgeError):
     """No chain of registered conversions leads from the source to the target format."""
 

@@ -31,7 +31,8 @@ class Context:
 
     def satisfies(self) -> frozenset[str]:
         """The edge needs this call meets."""
-        return frozenset({"template"} if self.template is not None else ())
+        have = {"template"} if self.template is not None else set()
+        return frozenset(have | ({"path"} if self.options.get("path") is not None else set()))
 
 
 Reader = Callable[[Any, Context], FlatState]

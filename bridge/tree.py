@@ -25,22 +25,54 @@ SHARDING_RULES = "sharding_rules"
 MESH = "mesh"
 
 
+class LazyArray:
+    """Array data read only when asked: a tensor in a file, a transform of another array.
+
+    Subclasses give `shape`, `dtype` and `read(index)`, which reads just the bytes the
+    index needs. numpy and jax take a lazy array through `__array__`, so writers need no
+    special case, and plans can describe leaves without reading them.
+    """
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    def read(self, index: Any = ...) -> np.ndarray:
+        raise NotImplementedError
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        return self.read(index)
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        array = self.read()
+        return array if dtype is None else array.astype(dtype, copy=False)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(shape={self.shape}, dtype={self.dtype})"
+
+
 @dataclasses.dataclass(frozen=True)
 class Leaf:
     """One array of a state, with what its format knows about it.
 
-    `value` is an array (jax or numpy) or an abstract `jax.ShapeDtypeStruct`; it is
-    never copied when only the wrapping changes. `kind` is the Linen collection name,
-    which names the NNX Variable type through Flax's registry (None when the format has
-    no such notion). `metadata` is NNX-style Variable metadata with the sharding key
-    spelled `out_sharding`. `transient` marks state a format re-creates rather than
-    stores (NNX RNG state). `source` and `transform` record provenance for plans.
+    `value` is an array (jax or numpy), a `LazyArray`, or an abstract
+    `jax.ShapeDtypeStruct`; it is never copied when only the wrapping changes.
+    `kind` is the Linen collection name, which names the NNX Variable type through
+    Flax's registry (None when the format has no such notion).
+    `metadata` is NNX-style Variable metadata, the sharding key spelled `out_sharding`.
+    `transient` marks state a format re-creates rather than stores (NNX RNG state).
+    `module` names the type of the module owning the leaf, when the format knows it.
+    `source` and `transform` record provenance for plans.
     """
 
     value: Any
     kind: str | None = None
     metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     transient: bool = False
+    module: str | None = None
     source: str = ""
     transform: str = ""
 
