@@ -46,11 +46,13 @@ def _run(
     ctx = Context(template, list(rules) if rules else None, strict, options)
     hops = GRAPH.route(src, to, ctx.satisfies())
     src_format, dst_format = GRAPH.format(src), GRAPH.format(to)
-    known = src_format.options | dst_format.options
+    known = frozenset().union(src_format.options, *(GRAPH.format(e.dst).options for e in hops))
     if unknown := sorted(set(options) - known):
         raise TypeError(
             f"unknown option(s) {unknown} for {src} -> {to}; known: {sorted(known) or 'none'}"
         )
+    if template is not None:
+        ctx.template_flat = GRAPH.format(GRAPH.detect(template)).read(template, ctx)
     flat = {
         path: leaf.replace(source=src_format.spell(path, leaf))
         for path, leaf in src_format.read(obj, ctx).items()
@@ -59,9 +61,8 @@ def _run(
     for edge in hops:
         if edge.transform is not None:
             flat = edge.transform(flat, ctx)
-    if template is not None:
-        template_format = GRAPH.format(GRAPH.detect(template))
-        flat = match(flat, template_format.read(template, ctx), ctx.report, dst_format.spell)
+    if ctx.template_flat is not None:
+        flat = match(flat, ctx.template_flat, ctx.report, dst_format.spell)
     return src, hops, flat, ctx
 
 

@@ -28,6 +28,8 @@ class Context:
     strict: bool = True
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     report: Report = dataclasses.field(default_factory=Report)
+    template_flat: FlatState | None = None
+    """The template read as a flat state, for edges whose transform depends on it."""
 
     def satisfies(self) -> frozenset[str]:
         """The edge needs this call meets."""

@@ -149,12 +149,15 @@ def match(
 
     out: FlatState = {}
     unfilled: dict[str, Path] = {}
+    ties: list[Path] = []
     for target_path, target_leaf in template.items():
         key = match_key(target_path)
         source_path = by_key.pop(key, None)
         if source_path is None:
             out[target_path] = target_leaf.replace(source="(template)" * target_leaf.transient)
-            if target_leaf.transient:
+            if target_leaf.alias_of is not None:
+                ties.append(target_path)
+            elif target_leaf.transient:
                 origin = (
                     "re-created (abstract template)"
                     if target_leaf.is_abstract
@@ -180,10 +183,26 @@ def match(
             transform=leaf.transform,
         )
 
-    leftovers = {key: path for key, path in by_key.items() if not source[path].transient}
-    report.dropped.extend(
-        source[path].source for key, path in by_key.items() if key not in leftovers
-    )
+    for target_path in ties:  # tied in the target: one tensor under two names
+        alias_of = template[target_path].alias_of or ()
+        original = out.get(alias_of)
+        if original is not None and original.source:
+            out[target_path] = original.replace(alias_of=alias_of)
+            spelled = spell_target(target_path, template[target_path])
+            report.notes.append(f"{spelled}: tied to {spell_target(alias_of, original)}")
+        else:
+            unfilled[match_key(target_path)] = target_path
+
+    leftovers = {
+        key: path
+        for key, path in by_key.items()
+        if not source[path].transient and source[path].alias_of is None
+    }
+    for path in by_key.values():
+        if source[path].transient:
+            report.dropped.append(source[path].source)
+        elif source[path].alias_of is not None:
+            report.notes.append(f"{source[path].source}: tied to {dotted(source[path].alias_of)}")
     for key, target_path in unfilled.items():
         target_leaf = template[target_path]
         nearest = _nearest(key, leftovers)

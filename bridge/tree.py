@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 from flax.core import meta
@@ -64,7 +65,8 @@ class Leaf:
     Flax's registry (None when the format has no such notion).
     `metadata` is NNX-style Variable metadata, the sharding key spelled `out_sharding`.
     `transient` marks state a format re-creates rather than stores (NNX RNG state).
-    `module` names the type of the module owning the leaf, when the format knows it.
+    `module` names the family of the module owning the leaf, when the format knows it.
+    `alias_of` is the path of another leaf holding the same tensor (tied weights).
     `source` and `transform` record provenance for plans.
     """
 
@@ -73,6 +75,7 @@ class Leaf:
     metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     transient: bool = False
     module: str | None = None
+    alias_of: Path | None = None
     source: str = ""
     transform: str = ""
 
@@ -104,6 +107,14 @@ class Leaf:
 
 
 FlatState = dict[Path, Leaf]
+
+
+def to_jax(value: Any) -> Any:
+    """A leaf value as the Flax formats hold it: jax arrays and placeholders unchanged,
+    numpy and lazy arrays read and put on the default device."""
+    if isinstance(value, jax.Array | jax.ShapeDtypeStruct):
+        return value
+    return jnp.asarray(np.asarray(value))
 
 
 def _installed_sharding_key() -> str:

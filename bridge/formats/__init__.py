@@ -1,6 +1,13 @@
-"""Built-in format adapters; importing this package registers them."""
+"""Built-in format adapters; importing this package registers them.
 
-from bridge.formats import nnx  # isort: skip  (linen registers edges to nnx_state)
+The order matters: an adapter registers edges to formats registered before it.
+"""
+
+# isort: off
+from bridge.formats import nnx
 from bridge.formats import linen
+from bridge.formats import torch
 
-__all__ = ["linen", "nnx"]
+# isort: on
+
+__all__ = ["linen", "nnx", "torch"]

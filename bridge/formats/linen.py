@@ -29,6 +29,7 @@ from bridge.tree import (
     flax_metadata,
     linen_path,
     normalize_metadata,
+    to_jax,
     unflatten_mapping,
 )
 
@@ -88,6 +89,7 @@ def write_linen(flat: FlatState, ctx: Context) -> dict[str, Any]:
             raise FormatError(
                 f"two leaves map to Linen path {'/'.join(key)!r}; rename one with rules=..."
             )
+        leaf = leaf.replace(value=to_jax(leaf.value))
         out[key] = _box(leaf) if boxed else leaf.value
         unboxed_metadata += bool(leaf.metadata) and not boxed
     if unboxed_metadata:

@@ -16,6 +16,7 @@ from flax import nnx
 from flax.nnx import variablelib
 
 from bridge.graph import Context, register_conversion, register_format
+from bridge.layout import FLAX_FAMILIES, family
 from bridge.tree import (
     FlatState,
     Leaf,
@@ -24,6 +25,7 @@ from bridge.tree import (
     flatten_mapping,
     flax_metadata,
     normalize_metadata,
+    to_jax,
 )
 
 _FLAGS = variablelib.Variable.required_metadata
@@ -58,7 +60,16 @@ def read_state(state: Any, ctx: Context) -> FlatState:
 
 
 def read_module(model: nnx.Module, ctx: Context) -> FlatState:
-    return read_state(nnx.state(model), ctx)
+    """The state, each leaf knowing its module's family (Linear, Conv, ...) for layout."""
+    families = {
+        tuple(path): family(type(node), FLAX_FAMILIES)
+        for path, node in nnx.iter_graph(model)
+        if isinstance(node, nnx.Module)
+    }
+    return {
+        path: leaf.replace(module=families.get(path[:-1]))
+        for path, leaf in read_state(nnx.state(model), ctx).items()
+    }
 
 
 def _template_variables(template: Any) -> dict[Path, nnx.Variable]:
@@ -82,7 +93,7 @@ def write_state(flat: FlatState, ctx: Context) -> nnx.State:
     seed = ctx.options.get("rng_seed", 0)
     variables = []
     for index, (path, leaf) in enumerate(flat.items()):
-        value = leaf.value
+        value = to_jax(leaf.value)
         if leaf.transient and leaf.is_abstract:
             value = _fresh_rng(leaf, index, seed)
             ctx.report.notes.append(f"{dotted(path)}: RNG state created with rng_seed={seed}")

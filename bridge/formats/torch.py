@@ -1,0 +1,177 @@
+"""PyTorch: a state_dict (torch tensors, or numpy arrays in PyTorch layout so that users
+without torch can convert an `.npz`), an `nn.Module` (its state_dict plus the family of
+the module owning each tensor), or a `.pt` / `.bin` / `.pth` file.
+
+torch is imported only when a torch object or file is met: routes that pass through
+this format without reading or writing it (safetensors -> nnx) work without torch.
+Files load with `torch.load(weights_only=True)`: a pickle that needs arbitrary code is
+refused, never executed.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+from collections.abc import Mapping
+from pathlib import Path as FilePath
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from bridge.errors import FormatError
+from bridge.graph import Context, register_conversion, register_format
+from bridge.layout import TORCH_FAMILIES, family, to_flax, to_torch
+from bridge.tree import FlatState, Leaf, dotted, parse_dotted
+
+SUFFIXES = (".pt", ".bin", ".pth")
+TORCH_ROLES = frozenset(
+    {"weight", "bias", "running_mean", "running_var", "num_batches_tracked", "in_proj_weight"}
+    | {"in_proj_bias", "q_proj_weight", "k_proj_weight", "v_proj_weight"}
+)
+# torch dtypes numpy lacks, viewed through an integer of the same width
+_VIEWS = {
+    "bfloat16": ("int16", ml_dtypes.bfloat16),
+    "float8_e4m3fn": ("uint8", ml_dtypes.float8_e4m3fn),
+    "float8_e5m2": ("uint8", ml_dtypes.float8_e5m2),
+}
+
+
+def _torch() -> Any:
+    try:
+        import torch
+    except ImportError:
+        raise FormatError(
+            "this needs PyTorch, which is not installed: pip install 'state-bridge[torch]'"
+        ) from None
+    return torch
+
+
+def _is_module(obj: Any) -> bool:
+    """Without importing torch: an object can't be a torch module unless torch is loaded."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(obj, torch.nn.Module)
+
+
+def _is_tensor(obj: Any) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(obj, torch.Tensor)
+
+
+def to_numpy(tensor: Any) -> np.ndarray:
+    """A CPU tensor as a numpy array sharing its memory (bf16 and fp8 included)."""
+    tensor = tensor.detach().cpu()
+    dtype = str(tensor.dtype).removeprefix("torch.")
+    if dtype in _VIEWS:
+        integer, ml_dtype = _VIEWS[dtype]
+        return tensor.view(getattr(_torch(), integer)).numpy().view(ml_dtype)
+    return tensor.numpy()
+
+
+def from_numpy(array: np.ndarray) -> Any:
+    """A numpy array as a tensor; copied only when numpy's memory is read-only."""
+    torch = _torch()
+    if not (array.flags.c_contiguous and array.flags.writeable):
+        array = array.copy(order="C")  # (np.ascontiguousarray would make scalars 1-D)
+    for dtype, (integer, ml_dtype) in _VIEWS.items():
+        if array.dtype == ml_dtype:
+            return torch.from_numpy(array.view(integer)).view(getattr(torch, dtype))
+    return torch.from_numpy(array)
+
+
+def _load_file(path: FilePath) -> Mapping[str, Any]:
+    torch = _torch()
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as error:
+            if "mmap" not in str(error):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise FormatError(
+            f"{path}: refused: unpickling it would run code beyond tensors ({error}); bridge "
+            "never executes pickled code. If you trust the file, load it yourself with "
+            "torch.load(weights_only=False) and pass the state_dict"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise FormatError(f"{path}: not a readable torch file: {error}") from None
+    if not isinstance(state, Mapping) or not all(_is_tensor(v) for v in state.values()):
+        keys = list(state)[:8] if isinstance(state, Mapping) else type(state).__name__
+        raise FormatError(
+            f"{path}: holds {keys}, not a state_dict of tensors; load it and pass the "
+            "state_dict inside"
+        )
+    return state
+
+
+def _storage_key(value: Any) -> tuple[Any, ...]:
+    """Identity of a tensor's memory: equal for tied weights."""
+    if isinstance(value, np.ndarray):
+        address = value.__array_interface__["data"][0]
+        return (address, value.shape, value.strides, str(value.dtype))
+    return (value.data_ptr(), tuple(value.shape), value.stride(), str(value.dtype))
+
+
+def read(obj: Any, ctx: Context) -> FlatState:
+    families: dict[str, str | None] = {}
+    if isinstance(obj, str | os.PathLike):
+        state = _load_file(FilePath(obj))
+    elif _is_module(obj):
+        state = obj.state_dict()
+        families = {name: family(type(m), TORCH_FAMILIES) for name, m in obj.named_modules()}
+    else:
+        state = obj
+    flat: FlatState = {}
+    seen: dict[tuple[Any, ...], str] = {}
+    for key, value in state.items():
+        path = parse_dotted(key)
+        owner = key.rpartition(".")[0]
+        tied = seen.setdefault(_storage_key(value), key)
+        flat[path] = Leaf(
+            value if isinstance(value, np.ndarray) else to_numpy(value),
+            module=families.get(owner),
+            transient=path[-1] == "num_batches_tracked",
+            alias_of=parse_dotted(tied) if tied != key else None,
+        )
+    return flat
+
+
+def write(flat: FlatState, ctx: Context) -> dict[str, Any]:
+    """A state_dict; leaves that share one array (tied weights) share one tensor."""
+    tensors: dict[int, Any] = {}
+    state = {}
+    for path, leaf in flat.items():
+        if id(leaf.value) not in tensors:
+            tensors[id(leaf.value)] = from_numpy(np.asarray(leaf.value))
+        state[dotted(path)] = tensors[id(leaf.value)]
+    return state
+
+
+def detect(obj: Any) -> float:
+    if isinstance(obj, str | os.PathLike):
+        path = FilePath(obj)
+        return 1.0 if path.suffix in SUFFIXES and path.is_file() else 0.0
+    if _is_module(obj):
+        return 1.0
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(k, str) for k in obj):
+        return 0.0
+    if all(_is_tensor(v) for v in obj.values()):
+        return 1.0
+    torch_named = all(key.rpartition(".")[2] in TORCH_ROLES for key in obj)
+    return 0.6 if torch_named and all(isinstance(v, np.ndarray) for v in obj.values()) else 0.0
+
+
+register_format(
+    "torch",
+    detect=detect,
+    read=read,
+    write=write,
+    description="a torch state_dict (or numpy arrays in torch layout), an nn.Module, "
+    "or a .pt/.bin/.pth file",
+    options={"modules"},
+)
+for flax_format in ("nnx_state", "linen"):
+    register_conversion("torch", flax_format, cost=1.0, transform=to_flax)
+    register_conversion(flax_format, "torch", cost=1.0, transform=to_torch)

@@ -1,0 +1,268 @@
+"""PyTorch <-> NNX / Linen: the layout table on real torch modules, both directions."""
+
+from __future__ import annotations
+
+import math
+import pickle
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from conftest import assert_same_arrays
+from flax import nnx
+
+import bridge
+
+ROTATION = math.pi / 4
+MOTIVATING_CASES = {
+    "select": ([[1, 0, 0], [0, 1, 0], [0, 0, 1], [0, 0, 0]], [0, 0, 0, 0], [1, 2, 3], [1, 2, 3, 0]),
+    "ones": ([[1, 1, 1], [1, 1, 1]], [1, -1], [1, 2, 3], [7, 5]),
+    "cycle": ([[0, 0, 1], [1, 0, 0], [0, 1, 0]], [0.5] * 3, [1, 2, 3], [3.5, 1.5, 2.5]),
+    "rotate": (
+        [[math.cos(ROTATION), -math.sin(ROTATION)], [math.sin(ROTATION), math.cos(ROTATION)]],
+        [0, 0],
+        [1, 0],
+        [math.sqrt(0.5), math.sqrt(0.5)],
+    ),
+}
+
+
+@pytest.mark.parametrize("as_torch", [False, True], ids=["numpy", "torch"])
+@pytest.mark.parametrize("case", MOTIVATING_CASES)
+def test_motivating_cases_torch_layout_into_nnx_linear_and_linen_dense(case, as_torch):
+    weight, bias, x, expected = (np.asarray(v, np.float32) for v in MOTIVATING_CASES[case])
+    state = {"weight": weight, "bias": bias}
+    if as_torch:
+        state = {key: torch.from_numpy(value) for key, value in state.items()}
+    out_features, in_features = weight.shape
+
+    linear = bridge.convert(
+        state, to="nnx", template=nnx.Linear(in_features, out_features, rngs=nnx.Rngs(0))
+    )
+    np.testing.assert_allclose(linear(jnp.asarray(x)), expected, atol=1e-6)
+
+    dense = nn.Dense(out_features)
+    abstract = jax.eval_shape(dense.init, jax.random.key(0), jnp.ones((1, in_features)))
+    variables = bridge.convert(state, to="linen", template=abstract)
+    np.testing.assert_allclose(dense.apply(variables, jnp.asarray(x)), expected, atol=1e-6)
+
+    back = bridge.convert(linear, to="torch")
+    assert_same_arrays(back["weight"].numpy(), weight)
+    assert_same_arrays(back["bias"].numpy(), bias)
+
+
+class TorchCnn(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.up = torch.nn.ConvTranspose2d(8, 4, (3, 2), stride=2)
+        self.head = torch.nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn(self.conv(x)))
+        return self.head(self.up(x).mean(dim=(2, 3)))
+
+
+class NnxCnn(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs) -> None:
+        self.conv = nnx.Conv(3, 8, (3, 3), padding="VALID", rngs=rngs)
+        self.bn = nnx.BatchNorm(8, use_running_average=True, momentum=0.9, epsilon=1e-5, rngs=rngs)
+        self.up = nnx.ConvTranspose(8, 4, (3, 2), strides=2, padding="VALID", rngs=rngs)
+        self.head = nnx.Linear(4, 5, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = nnx.relu(self.bn(self.conv(x)))
+        return self.head(self.up(x).mean(axis=(1, 2)))
+
+
+class LinenCnn(nn.Module):
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = nn.Conv(8, (3, 3), padding="VALID", name="conv")(x)
+        x = nn.relu(nn.BatchNorm(use_running_average=True, epsilon=1e-5, name="bn")(x))
+        x = nn.ConvTranspose(4, (3, 2), strides=(2, 2), padding="VALID", name="up")(x)
+        return nn.Dense(5, name="head")(x.mean(axis=(1, 2)))
+
+
+def trained_torch_cnn() -> TorchCnn:
+    """A CNN whose BatchNorm statistics moved away from 0 and 1 in a training pass."""
+    torch.manual_seed(0)
+    model = TorchCnn()
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(4, 3, 9, 9) * 2 + 1)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def images() -> tuple[torch.Tensor, jax.Array]:
+    x = torch.randn(2, 3, 9, 9, generator=torch.Generator().manual_seed(1))
+    return x, jnp.asarray(x.numpy().transpose(0, 2, 3, 1))
+
+
+def assert_state_dicts_equal(a, b) -> None:
+    assert list(a) == list(b) or set(a) == set(b)
+    for key in a:
+        assert a[key].dtype == b[key].dtype, key
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("given", ["module", "state_dict"])
+def test_cnn_parity_with_nnx_and_bit_exact_round_trip(given, images):
+    torch_model = trained_torch_cnn()
+    assert not torch.allclose(torch_model.bn.running_var, torch.ones(8))
+    source = torch_model if given == "module" else torch_model.state_dict()
+    template = nnx.eval_shape(lambda: NnxCnn(nnx.Rngs(0)))
+    model = bridge.convert(source, to="nnx", template=template)
+    x_torch, x_jax = images
+    with torch.no_grad():
+        expected = torch_model(x_torch).numpy()
+    np.testing.assert_allclose(model(x_jax), expected, atol=1e-5, rtol=1e-5)
+    assert isinstance(model.bn.mean, nnx.BatchStat)
+
+    back = bridge.convert(model, to="torch", template=torch_model)
+    assert_state_dicts_equal(back, torch_model.state_dict())
+    fresh = TorchCnn()
+    fresh.load_state_dict(back, strict=True)
+
+
+def test_cnn_through_a_linen_template(images):
+    torch_model = trained_torch_cnn()
+    x_torch, x_jax = images
+    template = jax.eval_shape(LinenCnn().init, jax.random.key(0), x_jax)
+    variables = bridge.convert(torch_model, to="linen", template=template)
+    assert set(variables) == {"params", "batch_stats"}
+    with torch.no_grad():
+        expected = torch_model(x_torch).numpy()
+    np.testing.assert_allclose(LinenCnn().apply(variables, x_jax), expected, atol=1e-5, rtol=1e-5)
+    back = bridge.convert(variables, to="torch", template=torch_model)
+    assert_state_dicts_equal(back, torch_model.state_dict())
+
+
+def test_num_batches_tracked_is_reported_not_silently_lost():
+    plan = bridge.plan(
+        trained_torch_cnn(), to="nnx", template=nnx.eval_shape(lambda: NnxCnn(nnx.Rngs(0)))
+    )
+    assert any("bn.num_batches_tracked" in entry for entry in plan.report.dropped)
+    rows = {row.target: row for row in plan.rows}
+    assert rows["conv.kernel"].transform == "permute"
+    assert rows["up.kernel"].transform == "permute+flip"
+    assert rows["head.kernel"].transform == "transpose"
+    assert rows["bn.mean"].source == "bn.running_mean"
+
+
+def test_conv_transpose_rule_matches_torch_numerically():
+    torch.manual_seed(3)
+    for dims in (1, 2, 3):
+        layer = getattr(torch.nn, f"ConvTranspose{dims}d")(3, 2, (3, 2, 2)[:dims], stride=2)
+        x = torch.randn(1, 3, *(4,) * dims)
+        template = nnx.ConvTranspose(
+            3, 2, (3, 2, 2)[:dims], strides=2, padding="VALID", rngs=nnx.Rngs(0)
+        )
+        converted = bridge.convert(layer, to="nnx", template=template)
+        moved = (0, *range(2, dims + 2), 1)
+        y = converted(jnp.asarray(x.numpy().transpose(moved)))
+        with torch.no_grad():
+            expected = layer(x).numpy().transpose(moved)
+        np.testing.assert_allclose(y, expected, atol=1e-5)
+
+
+class NnxAttention(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs) -> None:
+        self.attn = nnx.MultiHeadAttention(4, 16, decode=False, rngs=rngs)
+
+
+def test_multihead_attention_parity_both_ways():
+    torch.manual_seed(0)
+    wrapper = torch.nn.Module()
+    wrapper.attn = torch.nn.MultiheadAttention(16, 4, batch_first=True)
+    x = torch.randn(2, 5, 16)
+    template = nnx.eval_shape(lambda: NnxAttention(nnx.Rngs(0)))
+    model = bridge.convert(wrapper, to="nnx", template=template)
+    with torch.no_grad():
+        expected = wrapper.attn(x, x, x, need_weights=False)[0].numpy()
+    np.testing.assert_allclose(model.attn(jnp.asarray(x.numpy())), expected, atol=1e-5)
+    plan = bridge.plan(wrapper, to="nnx", template=template)
+    assert {row.target: row.transform for row in plan.rows}["attn.key.kernel"] == (
+        "split 2/3, transpose, reshape (16, 4, 4)"
+    )
+
+    back = bridge.convert(model, to="torch", template=wrapper)
+    assert_state_dicts_equal(back, wrapper.state_dict())
+
+
+def test_linen_multi_head_dot_product_attention_from_torch():
+    torch.manual_seed(1)
+    wrapper = torch.nn.Module()
+    wrapper.attn = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+    x = torch.randn(1, 3, 8)
+    module = nn.MultiHeadDotProductAttention(num_heads=2)
+
+    class Holder(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.MultiHeadDotProductAttention(num_heads=2, name="attn")(x)
+
+    x_jax = jnp.asarray(x.numpy())
+    template = jax.eval_shape(Holder().init, jax.random.key(0), x_jax)
+    variables = bridge.convert(wrapper, to="linen", template=template)
+    with torch.no_grad():
+        expected = wrapper.attn(x, x, x, need_weights=False)[0].numpy()
+    np.testing.assert_allclose(Holder().apply(variables, x_jax), expected, atol=1e-5)
+    del module
+
+
+def test_square_weights_next_to_conv1d_style_weights_are_refused_not_guessed():
+    rng = np.random.default_rng(0)
+    state = {  # a fused projection stored (in, out) as HF Conv1D does, and a square one
+        "fused.weight": rng.normal(size=(4, 12)).astype(np.float32),
+        "proj.weight": rng.normal(size=(4, 4)).astype(np.float32),
+    }
+
+    class Two(nnx.Module):
+        def __init__(self, rngs):
+            self.fused = nnx.Linear(4, 12, use_bias=False, rngs=rngs)
+            self.proj = nnx.Linear(4, 4, use_bias=False, rngs=rngs)
+
+    template = nnx.eval_shape(lambda: Two(nnx.Rngs(0)))
+    with pytest.raises(bridge.MismatchError, match=r"(?s)proj\.weight.*square.*modules="):
+        bridge.convert(state, to="nnx", template=template)
+    model = bridge.convert(
+        state, to="nnx", template=template, modules={r"^(fused|proj)$": "Conv1D"}
+    )
+    assert_same_arrays(model.proj.kernel.get_value(), state["proj.weight"])
+    assert_same_arrays(model.fused.kernel.get_value(), state["fused.weight"])
+
+
+def test_weight_of_unknown_role_without_template_is_refused():
+    with pytest.raises(bridge.MismatchError, match="kernel from embedding"):
+        bridge.convert({"layer.weight": np.ones((3, 2), np.float32)}, to="nnx_state")
+
+
+def test_pt_files_load_with_weights_only_and_malicious_pickles_are_refused(tmp_path):
+    torch_model = trained_torch_cnn()
+    path = tmp_path / "model.pt"
+    torch.save(torch_model.state_dict(), path)
+    assert bridge.detect(str(path)) == "torch"
+    model = bridge.convert(path, to="nnx", template=nnx.eval_shape(lambda: NnxCnn(nnx.Rngs(0))))
+    assert_same_arrays(model.bn.var.get_value(), torch_model.bn.running_var.numpy())
+
+    class Exploit:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    evil = tmp_path / "evil.pt"
+    with open(evil, "wb") as file:
+        pickle.dump({"weight": Exploit()}, file)
+    with pytest.raises(bridge.FormatError, match=r"evil\.pt.*refused"):
+        bridge.convert(evil, to="nnx_state")
+
+    broken = tmp_path / "broken.bin"
+    broken.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(bridge.FormatError, match=r"broken\.bin"):
+        bridge.convert(broken, to="nnx_state", modules={".*": "Linear"})
