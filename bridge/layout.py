@@ -380,6 +380,9 @@ def to_torch(flat: FlatState, ctx: Context) -> FlatState:
     fused: dict[tuple[Path, str], dict[str, Leaf]] = {}
     planned: list[tuple[Path, Leaf, str, Leaf | None]] = []  # (torch path, leaf, role, target)
     for path, leaf in flat.items():
+        if leaf.transient:  # NNX RNG state: torch has no place for it
+            ctx.report.dropped.append(leaf.source)
+            continue
         parent, role = path[:-1], str(path[-1])
         torch_role = FLAX_ROLES.get(role, role)
         if parent and str(parent[-1]) in MHA_INPUTS and match_key(parent[:-1]) in mha:

@@ -172,6 +172,9 @@ register_format(
     "or a .pt/.bin/.pth file",
     options={"modules"},
 )
-for flax_format in ("nnx_state", "linen"):
-    register_conversion("torch", flax_format, cost=1.0, transform=to_flax)
-    register_conversion(flax_format, "torch", cost=1.0, transform=to_torch)
+register_conversion("torch", "nnx_state", cost=1.0, transform=to_flax)
+register_conversion("torch", "linen", cost=1.0, transform=to_flax)
+register_conversion("linen", "torch", cost=1.0, transform=to_torch)
+register_conversion(
+    "nnx_state", "torch", cost=1.0, transform=to_torch, lossy=True, loses="NNX RNG state"
+)

@@ -1,0 +1,487 @@
+"""safetensors: one `.safetensors` file, or a HuggingFace directory (`model.safetensors`, or
+shards listed by `model.safetensors.index.json`).
+
+A torch-layout format: keys are state_dict keys and tensors keep PyTorch's layout; layout
+rules live elsewhere. Reading parses the headers here, not with the `safetensors`
+package, whose numpy loader knows neither bfloat16 nor float8: it validates every
+header completely before returning, and returns lazy arrays that read only the bytes an
+index asks for, so reading needs neither torch nor the `safetensors` package. Writing
+uses `safetensors.numpy.save_file` and lays shards out as `transformers`'
+`save_pretrained` does, so `from_pretrained` loads the directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from bridge.atomic import atomic_output
+from bridge.errors import FormatError
+from bridge.graph import Context, register_conversion, register_format
+from bridge.tree import FlatState, LazyArray, Leaf, dotted, parse_dotted
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+FILE_METADATA = {"format": "pt"}
+"""What `save_pretrained` stores in every file; `from_pretrained` expects it."""
+
+MAX_HEADER_BYTES = 100_000_000
+"""The safetensors library's own limit, which also keeps a garbage length from making
+us read a whole file as a header."""
+
+DTYPES: dict[str, np.dtype] = {
+    code: np.dtype(dtype)
+    for code, dtype in {
+        "BOOL": np.bool_,
+        "U8": np.uint8,
+        "I8": np.int8,
+        "U16": np.uint16,
+        "I16": np.int16,
+        "U32": np.uint32,
+        "I32": np.int32,
+        "U64": np.uint64,
+        "I64": np.int64,
+        "F16": np.float16,
+        "BF16": ml_dtypes.bfloat16,
+        "F32": np.float32,
+        "F64": np.float64,
+        "C64": np.complex64,
+        "F8_E4M3": ml_dtypes.float8_e4m3fn,
+        "F8_E5M2": ml_dtypes.float8_e5m2,
+        "F8_E4M3FNUZ": ml_dtypes.float8_e4m3fnuz,
+        "F8_E5M2FNUZ": ml_dtypes.float8_e5m2fnuz,
+        "F8_E8M0": ml_dtypes.float8_e8m0fnu,
+    }.items()
+}
+"""safetensors dtype codes and the numpy dtypes (ml_dtypes for bf16 and fp8) they hold."""
+_CODES = {dtype: code for code, dtype in DTYPES.items()}
+
+SIZE_UNITS = {"TB": 10**12, "GB": 10**9, "MB": 10**6, "KB": 10**3}
+"""`max_shard_size` units, decimal as `huggingface_hub` spells them."""
+
+
+class _MappedFile:
+    """One safetensors file: where its data starts, its bytes memory-mapped on first use.
+
+    The map is kept while any of the file's arrays lives, so reading many tensors maps
+    the file once. The file's identity (device, inode, size, mtime) is recorded with the
+    header; a file replaced before its first read is refused rather than read at the old
+    header's offsets.
+    """
+
+    def __init__(self, path: Path, data_start: int, identity: tuple[int, ...]) -> None:
+        self.path = path
+        self.data_start = data_start
+        self.identity = identity
+        self._mapped: np.memmap | None = None
+
+    def buffer(self) -> np.memmap:
+        if self._mapped is None:
+            with open(self.path, "rb") as handle:
+                if _identity(os.fstat(handle.fileno())) != self.identity:
+                    raise FormatError(
+                        f"{self.path}: the file changed since its header was read; read it again"
+                    )
+                self._mapped = np.memmap(handle, dtype=np.uint8, mode="r")
+        return self._mapped
+
+
+class SafetensorsArray(LazyArray):
+    """A tensor of a safetensors file, read on demand.
+
+    `read(index)` copies only the bytes the index selects (a basic slice of the leading
+    axis touches only its rows) out of the memory-mapped file. The result is always a
+    fresh in-memory array: it stays valid when the file is later changed or removed, and
+    it is writeable.
+    """
+
+    def __init__(
+        self, file: _MappedFile, key: str, dtype: np.dtype, shape: tuple[int, ...], begin: int
+    ) -> None:
+        self.file = file
+        self.key = key
+        self.dtype = dtype
+        self.shape = shape
+        self.begin = begin
+
+    @property
+    def path(self) -> Path:
+        return self.file.path
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def read(self, index: Any = ...) -> np.ndarray:
+        start = self.file.data_start + self.begin
+        raw = self.file.buffer()[start : start + self.nbytes]
+        return np.array(raw.view(self.dtype).reshape(self.shape)[index])
+
+
+def _identity(stat: os.stat_result) -> tuple[int, ...]:
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """JSON object hook: a key given twice is ambiguous, not "the last one wins"."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"key {key!r} appears twice")
+        out[key] = value
+    return out
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def read_file(path: Path) -> dict[str, SafetensorsArray]:
+    """The tensors of one file, in file order; every header rule checked first."""
+    with open(path, "rb") as handle:
+        stat = os.fstat(handle.fileno())
+        size = stat.st_size
+        if size < 8:
+            raise FormatError(
+                f"{path}: {size} bytes, too short for the 8-byte header length at offset 0"
+            )
+        header_len = int.from_bytes(handle.read(8), "little")
+        if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+            raise FormatError(
+                f"{path}: the header length at offset 0 says {header_len} bytes, but the file "
+                f"has {size - 8} bytes after it (at most {MAX_HEADER_BYTES} allowed); "
+                "the file is truncated or not safetensors"
+            )
+        header_bytes = handle.read(header_len)
+    try:
+        header = json.loads(header_bytes.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise FormatError(
+            f"{path}: the {header_len}-byte header at offset 8 is not JSON ({exc}); "
+            "not a safetensors file"
+        ) from None
+    if not isinstance(header, dict):
+        raise FormatError(
+            f"{path}: the header at offset 8 is a JSON {type(header).__name__}, expected an "
+            'object {"key": {"dtype", "shape", "data_offsets"}, "__metadata__": {...}}'
+        )
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise FormatError(f"{path}: __metadata__ must map strings to strings, got {metadata!r}")
+
+    data_start = 8 + header_len
+    data_len = size - data_start
+    file = _MappedFile(path, data_start, _identity(stat))
+    arrays: dict[str, SafetensorsArray] = {}
+    spans: list[tuple[int, int, str]] = []
+    for key, info in header.items():
+        where = f"{path}: tensor {key!r}"
+        if not (
+            isinstance(info, dict)
+            and isinstance(info.get("dtype"), str)
+            and isinstance(info.get("shape"), list)
+            and all(_is_count(dim) for dim in info["shape"])
+            and isinstance(info.get("data_offsets"), list)
+            and len(info["data_offsets"]) == 2
+            and all(_is_count(offset) for offset in info["data_offsets"])
+        ):
+            raise FormatError(
+                f"{where}: expected {{dtype: str, shape: [int >= 0, ...], data_offsets: "
+                f"[begin, end]}}, got {info!r}"
+            )
+        dtype = DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise FormatError(
+                f"{where}: unsupported dtype {info['dtype']!r}; known: {', '.join(DTYPES)}"
+            )
+        shape = tuple(info["shape"])
+        begin, end = info["data_offsets"]
+        expected = math.prod(shape) * dtype.itemsize
+        if end > data_len:
+            raise FormatError(
+                f"{where}: data_offsets [{begin}, {end}] (file bytes {data_start + begin} to "
+                f"{data_start + end}) run out of the file ({size} bytes); the file is truncated"
+            )
+        if end - begin != expected:
+            raise FormatError(
+                f"{where}: data_offsets [{begin}, {end}] hold {end - begin} bytes, but "
+                f"{info['dtype']} {list(shape)} needs {expected}"
+            )
+        arrays[key] = SafetensorsArray(file, key, dtype, shape, begin)
+        spans.append((begin, end, key))
+    _check_packing(path, sorted(spans), data_start, data_len)
+    return {key: arrays[key] for _, _, key in sorted(spans)}
+
+
+def _check_packing(
+    path: Path, spans: list[tuple[int, int, str]], data_start: int, data_len: int
+) -> None:
+    """Tensors must tile the data section exactly, as the safetensors library requires:
+    an overlap means two tensors share bytes, a gap or a tail means a damaged header."""
+    position, previous = 0, None
+    for begin, end, key in spans:
+        if begin < position:
+            raise FormatError(
+                f"{path}: tensor {key!r} at data_offsets [{begin}, {end}] overlaps tensor "
+                f"{previous!r}, which ends at {position} (file byte {data_start + position})"
+            )
+        if begin > position:
+            raise FormatError(
+                f"{path}: tensor {key!r} starts at data offset {begin}, expected {position} "
+                f"(file byte {data_start + position}): {begin - position} bytes belong to no tensor"
+            )
+        position, previous = end, key
+    if position != data_len:
+        raise FormatError(
+            f"{path}: the tensors end at data offset {position} (file byte "
+            f"{data_start + position}), but the file goes on for {data_len - position} more bytes"
+        )
+
+
+def _read_index(directory: Path) -> dict[str, SafetensorsArray]:
+    """The tensors of a sharded directory; the index and every shard must agree exactly."""
+    index_path = directory / INDEX_FILE
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
+    except ValueError as exc:
+        raise FormatError(f"{index_path}: not a JSON index ({exc})") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(name, str) and Path(name).name == name for name in weight_map.values()
+    ):
+        raise FormatError(
+            f'{index_path}: expected {{"weight_map": {{"key": "shard file name"}}}}, '
+            "shard names without directories"
+        )
+    shard_of: dict[str, str] = {}  # key -> the shard that holds it
+    tensors: dict[str, SafetensorsArray] = {}
+    for name in dict.fromkeys(weight_map.values()):
+        shard_path = directory / name
+        if not shard_path.is_file():
+            listed = [key for key, shard in weight_map.items() if shard == name]
+            raise FormatError(
+                f"{index_path}: shard {name!r} does not exist in {directory} "
+                f"(it should hold {len(listed)} tensors, e.g. {listed[0]!r})"
+            )
+        for key, array in read_file(shard_path).items():
+            if key in shard_of:
+                raise FormatError(
+                    f"{index_path}: tensor {key!r} is in both {shard_of[key]!r} and {name!r}"
+                )
+            if key not in weight_map:
+                raise FormatError(
+                    f"{shard_path}: tensor {key!r} is in this shard but not in {INDEX_FILE}"
+                )
+            if weight_map[key] != name:
+                raise FormatError(
+                    f"{shard_path}: tensor {key!r} is in this shard, but {INDEX_FILE} puts it "
+                    f"in {weight_map[key]!r}"
+                )
+            shard_of[key] = name
+            tensors[key] = array
+    if missing := [key for key in weight_map if key not in shard_of]:
+        raise FormatError(
+            f"{index_path}: tensor {missing[0]!r} is listed in shard {weight_map[missing[0]]!r} "
+            f"but is not in it ({len(missing)} listed tensors missing)"
+        )
+    return tensors
+
+
+def read(obj: str | os.PathLike[str], ctx: Context) -> FlatState:
+    """A file or a HF directory -> `{path: Leaf(SafetensorsArray)}`; nothing is read but
+    headers. A directory holding both layouts is read as `from_pretrained` reads it:
+    `model.safetensors` first."""
+    path = Path(os.fspath(obj))
+    if path.is_dir():
+        if (path / SINGLE_FILE).is_file():
+            if (path / INDEX_FILE).exists():
+                ctx.report.notes.append(
+                    f"{path} holds both {SINGLE_FILE} and {INDEX_FILE}; read {SINGLE_FILE}, "
+                    "as transformers' from_pretrained does"
+                )
+            tensors = read_file(path / SINGLE_FILE)
+        elif (path / INDEX_FILE).is_file():
+            tensors = _read_index(path)
+        else:
+            raise FormatError(f"{path}: a directory with neither {SINGLE_FILE} nor {INDEX_FILE}")
+    elif path.is_file():
+        tensors = read_file(path)
+    else:
+        raise FormatError(f"{path}: no such file or directory")
+    return {parse_dotted(key): Leaf(array) for key, array in tensors.items()}
+
+
+def parse_size(size: int | str) -> int:
+    """`max_shard_size` in bytes: an int, or `"5GB"`, `"500MB"`, `"10KB"` (decimal units,
+    as `huggingface_hub` parses them)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        count = size
+    elif isinstance(size, str) and size.strip()[-2:].upper() in SIZE_UNITS:
+        text = size.strip()
+        try:
+            count = int(float(text[:-2]) * SIZE_UNITS[text[-2:].upper()])
+        except ValueError:
+            count = 0
+    else:
+        count = 0
+    if count <= 0:
+        raise FormatError(
+            f"max_shard_size={size!r}: expected a positive number of bytes, or a string such "
+            f"as '5GB' with unit {', '.join(SIZE_UNITS)}"
+        )
+    return count
+
+
+def _code_of(dtype: Any) -> str | None:
+    """The safetensors code of a dtype, whatever its byte order; None if it has none."""
+    try:
+        return _CODES.get(np.dtype(dtype).newbyteorder("<"))
+    except TypeError:  # not a numpy dtype (a PRNG key type, an arbitrary object)
+        return None
+
+
+def _checked(flat: FlatState) -> dict[str, Leaf]:
+    """`{key: leaf}`, refusing before any output exists what cannot be written."""
+    leaves: dict[str, Leaf] = {}
+    for path, leaf in flat.items():
+        key = dotted(path)
+        if key in leaves:
+            raise FormatError(f"two leaves are spelled {key!r} in safetensors; rename one")
+        if leaf.is_abstract:
+            raise FormatError(f"{key!r} is abstract ({leaf.value}); it has no data to write")
+        try:
+            dtype = leaf.dtype
+        except (TypeError, ValueError) as exc:
+            raise FormatError(f"{key!r}: {type(leaf.value).__name__} is not an array") from exc
+        if _code_of(dtype) is None:
+            raise FormatError(
+                f"{key!r}: safetensors cannot hold dtype {dtype}; known: "
+                f"{', '.join(str(d) for d in DTYPES.values())}"
+            )
+        leaves[key] = leaf
+    return leaves
+
+
+def _materialized(key: str, value: Any) -> np.ndarray:
+    """A little-endian, C-contiguous numpy array of `value` (a copy only where needed)."""
+    try:
+        array = np.asarray(value)
+    except FormatError:  # a lazy source that is itself corrupt says so best
+        raise
+    except (TypeError, ValueError) as exc:
+        raise FormatError(
+            f"{key!r}: cannot make an array of {type(value).__name__}: {exc}"
+        ) from exc
+    if _code_of(array.dtype) is None:
+        raise FormatError(f"{key!r}: safetensors cannot hold dtype {array.dtype}")
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    return array if array.flags.c_contiguous else array.copy(order="C")
+
+
+def _save(file: Path, leaves: Mapping[str, Leaf], shown_as: Path) -> None:
+    """One file; only its tensors are in memory at once. The `safetensors` package is
+    imported here: it comes with the torch extra, and only writing needs it."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import save_file
+
+    arrays = {key: _materialized(key, leaf.value) for key, leaf in leaves.items()}
+    try:
+        save_file(arrays, file, metadata=FILE_METADATA)
+    except SafetensorError as exc:
+        raise FormatError(f"{shown_as}: safetensors refused the tensors: {exc}") from exc
+
+
+def shard_layout(sizes: Mapping[str, int], max_shard_size: float) -> dict[str, list[str]]:
+    """`{file name: keys}` exactly as `huggingface_hub.split_state_dict_into_shards_factory`
+    (which `save_pretrained` uses) splits: greedy in key order, a tensor larger than the
+    limit alone in its own shard, `model.safetensors` when one shard suffices."""
+    shards: list[list[str]] = []
+    current: list[str] = []
+    current_size = 0
+    for key, size in sizes.items():
+        if size > max_shard_size:
+            shards.append([key])
+            continue
+        if current_size + size > max_shard_size:
+            shards.append(current)
+            current, current_size = [], 0
+        current.append(key)
+        current_size += size
+    if current or not shards:
+        shards.append(current)
+    if len(shards) == 1:
+        return {SINGLE_FILE: shards[0]}
+    return {
+        f"model-{number:05d}-of-{len(shards):05d}.safetensors": keys
+        for number, keys in enumerate(shards, start=1)
+    }
+
+
+def write(flat: FlatState, ctx: Context) -> Path:
+    """Write `ctx.options["path"]`: a `.safetensors` file, else a HF directory, sharded by
+    `max_shard_size`. Atomic; an existing output needs `overwrite=True`."""
+    if ctx.options.get("path") is None:
+        raise FormatError("writing safetensors needs path=... (a .safetensors file or a directory)")
+    target = Path(os.fspath(ctx.options["path"]))
+    overwrite = bool(ctx.options.get("overwrite"))
+    max_shard_size = ctx.options.get("max_shard_size")
+    leaves = _checked(flat)
+    if target.name.endswith(".safetensors"):
+        if max_shard_size is not None:
+            raise FormatError(
+                f"{target}: max_shard_size shards into a directory; give a directory path"
+            )
+        with atomic_output(target, overwrite=overwrite) as temp:
+            _save(temp, leaves, target)
+        return target
+
+    sizes = {key: leaf.nbytes for key, leaf in leaves.items()}
+    limit = math.inf if max_shard_size is None else parse_size(max_shard_size)
+    layout = shard_layout(sizes, limit)
+    with atomic_output(target, overwrite=overwrite, directory=True) as temp:
+        for name, keys in layout.items():
+            _save(temp / name, {key: leaves[key] for key in keys}, target / name)
+        if len(layout) > 1:
+            index = {
+                "metadata": {"total_size": sum(sizes.values())},
+                "weight_map": {key: name for name, keys in layout.items() for key in keys},
+            }
+            (temp / INDEX_FILE).write_text(
+                json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+            )
+    return target
+
+
+def detect(obj: Any) -> float:
+    """Sure for an existing `.safetensors` file or a HF directory holding one; never raises."""
+    if not isinstance(obj, str | os.PathLike):
+        return 0.0
+    try:
+        path = Path(os.fspath(obj))
+        if path.is_file():
+            return 1.0 if path.name.endswith(".safetensors") else 0.0
+        if path.is_dir():
+            return 1.0 if (path / INDEX_FILE).is_file() or (path / SINGLE_FILE).is_file() else 0.0
+    except (OSError, TypeError, ValueError):
+        pass
+    return 0.0
+
+
+register_format(
+    "safetensors",
+    detect=detect,
+    read=read,
+    write=write,
+    description="a .safetensors file, or a HF directory (model.safetensors or sharded + index)",
+    options={"path", "overwrite", "max_shard_size"},
+)
+register_conversion("safetensors", "torch", cost=1.0)
+register_conversion("torch", "safetensors", cost=1.0, needs={"path"})
