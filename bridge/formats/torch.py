@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path as FilePath
 from typing import Any
 
+import jax
 import ml_dtypes
 import numpy as np
 
@@ -59,12 +60,16 @@ def _is_tensor(obj: Any) -> bool:
     return torch is not None and isinstance(obj, torch.Tensor)
 
 
-def to_numpy(tensor: Any) -> np.ndarray:
-    """A CPU tensor as a numpy array sharing its memory (bf16 and fp8 included)."""
-    tensor = tensor.detach().cpu()
+def to_numpy(tensor: Any) -> np.ndarray | jax.ShapeDtypeStruct:
+    """A tensor as a numpy array sharing its memory (bf16 and fp8 included); a tensor on
+    the meta device (a template built without weights) as a placeholder."""
+    tensor = tensor.detach()
     dtype = str(tensor.dtype).removeprefix("torch.")
-    if dtype in _VIEWS:
-        integer, ml_dtype = _VIEWS[dtype]
+    integer, ml_dtype = _VIEWS.get(dtype, (None, None))
+    if tensor.is_meta:
+        return jax.ShapeDtypeStruct(tuple(tensor.shape), ml_dtype or np.dtype(dtype))
+    tensor = tensor.cpu()
+    if integer is not None:
         return tensor.view(getattr(_torch(), integer)).numpy().view(ml_dtype)
     return tensor.numpy()
 
@@ -114,26 +119,40 @@ def _storage_key(value: Any) -> tuple[Any, ...]:
     return (value.data_ptr(), tuple(value.shape), value.stride(), str(value.dtype))
 
 
+def _ties(state: Mapping[str, Any], module: Any) -> dict[str, str]:
+    """`{key: first key holding the same tensor}` for tied weights. A module says it
+    exactly (one Parameter under two names, meta tensors too); a bare state_dict by
+    the memory its tensors share."""
+    if module is not None:
+        named = [*module.named_parameters(remove_duplicate=False)]
+        named += [*module.named_buffers(remove_duplicate=False)]
+        owners = {key: id(tensor) for key, tensor in named}
+        identities = {key: owners.get(key, key) for key in state}
+    else:
+        identities = {key: _storage_key(value) for key, value in state.items()}
+    first: dict[Any, str] = {}
+    return {key: first.setdefault(identities[key], key) for key in state}
+
+
 def read(obj: Any, ctx: Context) -> FlatState:
     families: dict[str, str | None] = {}
+    module = obj if _is_module(obj) else None
     if isinstance(obj, str | os.PathLike):
         state = _load_file(FilePath(obj))
-    elif _is_module(obj):
-        state = obj.state_dict()
+    elif module is not None:
+        state = module.state_dict(keep_vars=True)
         families = {name: family(type(m), TORCH_FAMILIES) for name, m in obj.named_modules()}
     else:
         state = obj
+    ties = _ties(state, module)
     flat: FlatState = {}
-    seen: dict[tuple[Any, ...], str] = {}
     for key, value in state.items():
         path = parse_dotted(key)
-        owner = key.rpartition(".")[0]
-        tied = seen.setdefault(_storage_key(value), key)
         flat[path] = Leaf(
             value if isinstance(value, np.ndarray) else to_numpy(value),
-            module=families.get(owner),
+            module=families.get(key.rpartition(".")[0]),
             transient=path[-1] == "num_batches_tracked",
-            alias_of=parse_dotted(tied) if tied != key else None,
+            alias_of=parse_dotted(ties[key]) if ties[key] != key else None,
         )
     return flat
 
