@@ -3,7 +3,18 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from bridge import formats as _formats  # noqa: F401  (registers the built-in adapters)
-from bridge.api import Plan, PlanRow, conversions, convert, detect, formats, plan, route
+from bridge.api import (
+    Plan,
+    PlanRow,
+    conversions,
+    convert,
+    detect,
+    formats,
+    load,
+    plan,
+    route,
+    save,
+)
 from bridge.errors import (
     BridgeError,
     FormatError,
@@ -42,8 +53,10 @@ __all__ = [
     "convert",
     "detect",
     "formats",
+    "load",
     "plan",
     "register_conversion",
     "register_format",
     "route",
+    "save",
 ]

@@ -4,6 +4,8 @@ read, transform along the route, match against the template, write."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import pathlib
 from collections.abc import Sequence
 from typing import Any, Literal, overload
 
@@ -184,3 +186,24 @@ def plan(
         for path, leaf in flat.items()
     ]
     return Plan(src, to, hops, rows, ctx.report)
+
+
+def save(
+    obj: Any,
+    path: str | os.PathLike[str],
+    *,
+    format: str,
+    template: Any = None,
+    overwrite: bool = False,
+    **options: Any,
+) -> pathlib.Path:
+    """Write `obj` to `path` in a file format (`"safetensors"`, ...); atomic, and an
+    existing `path` is replaced only with `overwrite=True`."""
+    return convert(
+        obj, to=format, template=template, path=os.fspath(path), overwrite=overwrite, **options
+    )
+
+
+def load(path: str | os.PathLike[str], to: str, **kwargs: Any) -> Any:
+    """Read the file or directory at `path` into format `to` (same arguments as convert)."""
+    return convert(os.fspath(path), to, **kwargs)

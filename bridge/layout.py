@@ -270,13 +270,19 @@ def _module_hints(flat: FlatState, modules: Mapping[str, str] | None) -> FlatSta
     return out
 
 
-def _weight_role(leaf: Leaf, siblings: Mapping[str, Leaf]) -> str:
-    """kernel, embedding or scale: from the torch module, else from the template."""
+def _weight_role(leaf: Leaf, siblings: Mapping[str, Leaf] | None) -> str:
+    """kernel, embedding or scale: from the torch module, else from the template.
+
+    `siblings` are the template's leaves of the same module (None without a template);
+    a weight the template has no module for keeps its name, for the matcher to report.
+    """
     if leaf.module in WEIGHT_ROLES:
         return WEIGHT_ROLES[leaf.module]
-    candidates = [role for role in ("kernel", "embedding", "scale") if role in siblings]
+    candidates = [role for role in ("kernel", "embedding", "scale") if role in (siblings or {})]
     if len(candidates) == 1:
         return candidates[0]
+    if siblings == {}:
+        return "weight"
     if len(leaf.shape) == 1:
         return "scale"
     raise Ambiguous(
@@ -318,11 +324,12 @@ def to_flax(flat: FlatState, ctx: Context) -> FlatState:
             if role in MHA_SEPARATE:
                 parent, role = (*parent, MHA_SEPARATE[role]), "weight"
                 leaf = leaf.replace(module="Linear")
-            siblings = groups.get(match_key(parent), {})
-            flax_role = (
-                _weight_role(leaf, siblings) if role == "weight" else TORCH_ROLES.get(role, role)
-            )
-            planned.append(((*parent, flax_role), leaf, flax_role, siblings.get(flax_role)))
+            siblings = groups.get(match_key(parent), {} if groups else None)
+            flax_role = TORCH_ROLES.get(role, role)
+            if role == "weight":
+                flax_role = _weight_role(leaf, siblings)
+            target = (siblings or {}).get(flax_role)
+            planned.append(((*parent, flax_role), leaf, flax_role, target))
         except Ambiguous as error:
             ctx.report.ambiguous.append(Problem(leaf.source, found=str(error)))
 
