@@ -63,6 +63,7 @@ def _run(
     for edge in hops:
         if edge.transform is not None:
             flat = edge.transform(flat, ctx)
+    flat = apply_rules(flat, ctx.rules, ctx.report, stacking=True)
     if ctx.template_flat is not None:
         flat = match(flat, ctx.template_flat, ctx.report, dst_format.spell)
     return src, hops, flat, ctx

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bridge.mapping import Problem
-from bridge.tree import FlatState, LazyArray, Leaf, Path, dotted, match_key
+from bridge.tree import Derived, FlatState, Leaf, Path, concatenate, dotted, match_key, split
 
 if TYPE_CHECKING:
     from bridge.graph import Context
@@ -137,47 +137,12 @@ def family(cls: type, families: dict[str, str]) -> str | None:
     return None
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class Relayout(LazyArray):
-    """`fn(*sources)` computed only when read: plans describe it without moving data."""
-
-    sources: tuple[Any, ...]
-    fn: Callable[..., np.ndarray]
-    shape: Shape
-    dtype: Any
-
-    def read(self, index: Any = ...) -> np.ndarray:
-        return np.asarray(self.fn(*(np.asarray(source) for source in self.sources)))[index]
-
-
 def apply(rule: str, value: Any, shape: Shape, to: str) -> Any:
     """`value` re-laid out by `rule` towards `to` ("flax" or "torch"), lazily."""
     if rule == "identity" and tuple(np.shape(value)) == tuple(shape):
         return value
     fn = getattr(RULES[rule], f"to_{to}")
-    return Relayout((value,), lambda array: fn(array, shape), tuple(shape), value.dtype)
-
-
-def split(value: Any, parts: int, index: int, axis: int = 0) -> Relayout:
-    """Part `index` of `parts` equal slices of `value` along `axis`, lazily."""
-    shape = list(np.shape(value))
-    shape[axis] //= parts
-    step = shape[axis]
-    take = [slice(None)] * len(shape)
-    take[axis] = slice(index * step, (index + 1) * step)
-    return Relayout((value,), lambda array: array[tuple(take)], tuple(shape), value.dtype)
-
-
-def concatenate(values: list[Any], axis: int = 0) -> Relayout:
-    """`values` joined along `axis`, lazily (the inverse of `split`)."""
-    shape = list(np.shape(values[0]))
-    shape[axis] = sum(np.shape(value)[axis] for value in values)
-    return Relayout(
-        tuple(values),
-        lambda *arrays: np.concatenate(arrays, axis=axis),
-        tuple(shape),
-        values[0].dtype,
-    )
+    return Derived((value,), lambda array: fn(array, shape), tuple(shape), value.dtype)
 
 
 class Ambiguous(Exception):

@@ -11,13 +11,101 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 from bridge.errors import MismatchError
-from bridge.tree import FlatState, Leaf, Path, dotted, match_key, parse_dotted
+from bridge.tree import (
+    FlatState,
+    Leaf,
+    Path,
+    concatenate,
+    dotted,
+    match_key,
+    parse_dotted,
+    split,
+    stack,
+    take,
+)
 
-Rule = tuple[str, str]
-"""`(pattern, replacement)`: a regular expression substitution on dotted source keys."""
+
+class KeyTemplate:
+    """A dotted key with named fields: `"h.{i}.attn.c_attn.{role}"`. A field matches one
+    key part; `{name*}` matches one or more. Templates read both ways, which is what
+    makes the structural rules below invertible (regular expressions are not)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        pattern = re.escape(text)
+        pattern = re.sub(r"\\{(\w+)\\\*\\}", r"(?P<\1>.+)", pattern)
+        pattern = re.sub(r"\\{(\w+)\\}", r"(?P<\1>[^.]+)", pattern)
+        self.regex = re.compile(pattern)
+
+    def match(self, key: str) -> dict[str, str] | None:
+        found = self.regex.fullmatch(key)
+        return found.groupdict() if found else None
+
+    def format(self, fields: Mapping[str, str]) -> str:
+        return re.sub(r"\{(\w+)\*?\}", lambda m: fields[m.group(1)], self.text)
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """One fused tensor -> equal parts along `axis`: `Split("{p*}.c_attn.{r}",
+    ["{p*}.q.{r}", "{p*}.k.{r}", "{p*}.v.{r}"], axis=-1)`."""
+
+    fused: str
+    parts: Sequence[str]
+    axis: int = 0
+
+    def inverse(self) -> Merge:
+        return Merge(self.parts, self.fused, self.axis)
+
+
+@dataclasses.dataclass(frozen=True)
+class Merge:
+    """Several tensors -> one, concatenated along `axis` in the order of `parts`."""
+
+    parts: Sequence[str]
+    fused: str
+    axis: int = 0
+
+    def inverse(self) -> Split:
+        return Split(self.fused, self.parts, self.axis)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stack:
+    """Per-layer tensors -> one scanned tensor: `Stack("layers.{i}.{rest*}",
+    "layers.{rest*}", over="i")` stacks along `axis` in the order of the index. Stacking
+    runs after layout conversion, on the Flax side, where scanned tensors live."""
+
+    layers: str
+    stacked: str
+    over: str = "i"
+    axis: int = 0
+
+    def inverse(self) -> Unstack:
+        return Unstack(self.stacked, self.layers, self.over, self.axis)
+
+
+@dataclasses.dataclass(frozen=True)
+class Unstack:
+    """One scanned tensor -> per-layer tensors (the inverse of `Stack`); runs before
+    layout conversion, on the Flax side."""
+
+    stacked: str
+    layers: str
+    over: str = "i"
+    axis: int = 0
+
+    def inverse(self) -> Stack:
+        return Stack(self.layers, self.stacked, self.over, self.axis)
+
+
+Rule = tuple[str, str] | Split | Merge | Stack | Unstack
+"""`(pattern, replacement)`: a regular expression substitution on dotted source keys;
+or a structural rule (`Split`, `Merge`, `Stack`, `Unstack`) over key templates."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,24 +178,144 @@ def describe(leaf: Leaf) -> str:
     return f"shape {leaf.shape} {leaf.dtype}{kind}"
 
 
-def apply_rules(flat: FlatState, rules: Sequence[Rule] | None, report: Report) -> FlatState:
-    """Rename source keys: every rule in order, as `re.sub` on the dotted key."""
-    if not rules:
-        return flat
-    compiled = [(re.compile(pattern), replacement) for pattern, replacement in rules]
+def _rename(rule: tuple[str, str], flat: FlatState, report: Report) -> FlatState:
+    pattern, replacement = re.compile(rule[0]), rule[1]
     out: FlatState = {}
     for path, leaf in flat.items():
-        key = dotted(path)
-        for pattern, replacement in compiled:
-            key = pattern.sub(replacement, key)
-        new_path = path if key == dotted(path) else parse_dotted(key)
-        if new_path in out:
-            report.ambiguous.append(
-                Problem(key, found=f"both {out[new_path].source!r} and {leaf.source!r}")
-            )
-            continue
-        out[new_path] = leaf
+        key = pattern.sub(replacement, dotted(path))
+        _put(out, path if key == dotted(path) else parse_dotted(key), leaf, report)
     return out
+
+
+def _put(out: FlatState, path: Path, leaf: Leaf, report: Report) -> None:
+    """Add a renamed leaf, reporting two sources that now share one key."""
+    if path in out:
+        found = f"both {out[path].source!r} and {leaf.source!r}"
+        report.ambiguous.append(Problem(dotted(path), found=found))
+    else:
+        out[path] = leaf
+
+
+def _steps(leaf: Leaf, step: str) -> str:
+    return f"{leaf.transform}, {step}" if leaf.transform else step
+
+
+def _split(rule: Split, flat: FlatState, report: Report) -> FlatState:
+    fused, parts = KeyTemplate(rule.fused), [KeyTemplate(part) for part in rule.parts]
+    out: FlatState = {}
+    for path, leaf in flat.items():
+        fields = fused.match(dotted(path))
+        if fields is None:
+            _put(out, path, leaf, report)
+            continue
+        for index, part in enumerate(parts):
+            piece = leaf.replace(
+                value=split(leaf.value, len(parts), index, rule.axis),
+                transform=_steps(leaf, f"split {index + 1}/{len(parts)}"),
+            )
+            _put(out, parse_dotted(part.format(fields)), piece, report)
+    return out
+
+
+def _merge(rule: Merge, flat: FlatState, report: Report) -> FlatState:
+    fused, parts = KeyTemplate(rule.fused), [KeyTemplate(part) for part in rule.parts]
+    groups: dict[str, dict[int, Path]] = {}
+    for path in flat:
+        for index, part in enumerate(parts):
+            if (fields := part.match(dotted(path))) is not None:
+                groups.setdefault(fused.format(fields), {})[index] = path
+                break
+    merged = {key: group for key, group in groups.items() if len(group) == len(parts)}
+    consumed = {path for group in merged.values() for path in group.values()}
+    out: FlatState = {}
+    for path, leaf in flat.items():
+        if path not in consumed:
+            _put(out, path, leaf, report)
+    for key, group in merged.items():
+        leaves = [flat[group[index]] for index in range(len(parts))]
+        value = concatenate([leaf.value for leaf in leaves], rule.axis)
+        source = " + ".join(leaf.source for leaf in leaves)
+        step = f"concatenate {len(parts)}"
+        _put(
+            out,
+            parse_dotted(key),
+            leaves[0].replace(value=value, source=source, transform=step),
+            report,
+        )
+    return out
+
+
+def _stack(rule: Stack, flat: FlatState, report: Report) -> FlatState:
+    layers, stacked = KeyTemplate(rule.layers), KeyTemplate(rule.stacked)
+    groups: dict[str, dict[int, Path]] = {}
+    out: FlatState = {}
+    for path, leaf in flat.items():
+        fields = layers.match(dotted(path))
+        if fields is None or not fields[rule.over].isdigit():
+            _put(out, path, leaf, report)
+            continue
+        groups.setdefault(stacked.format(fields), {})[int(fields[rule.over])] = path
+    for key, group in groups.items():
+        if sorted(group) != list(range(len(group))):
+            found = f"layers {sorted(group)} of {key!r}: not 0..{len(group) - 1}"
+            report.ambiguous.append(Problem(key, found=found))
+            continue
+        leaves = [flat[group[index]] for index in range(len(group))]
+        source = (
+            leaves[0].source if len(leaves) == 1 else f"{leaves[0].source} .. {leaves[-1].source}"
+        )
+        value = stack([leaf.value for leaf in leaves], rule.axis)
+        _put(
+            out,
+            parse_dotted(key),
+            leaves[0].replace(
+                value=value, source=source, transform=_steps(leaves[0], f"stack {len(leaves)}")
+            ),
+            report,
+        )
+    return out
+
+
+def _unstack(rule: Unstack, flat: FlatState, report: Report) -> FlatState:
+    stacked, layers = KeyTemplate(rule.stacked), KeyTemplate(rule.layers)
+    out: FlatState = {}
+    for path, leaf in flat.items():
+        fields = stacked.match(dotted(path))
+        if fields is None:
+            _put(out, path, leaf, report)
+            continue
+        count = leaf.shape[rule.axis]
+        for index in range(count):
+            layer = leaf.replace(
+                value=take(leaf.value, index, rule.axis),
+                transform=_steps(leaf, f"unstack {index}/{count}"),
+            )
+            _put(out, parse_dotted(layers.format({**fields, rule.over: str(index)})), layer, report)
+    return out
+
+
+_APPLY: dict[type, Callable[[Any, FlatState, Report], FlatState]] = {
+    tuple: _rename,
+    list: _rename,
+    Split: _split,
+    Merge: _merge,
+    Stack: _stack,
+    Unstack: _unstack,
+}
+
+
+def apply_rules(
+    flat: FlatState, rules: Sequence[Rule] | None, report: Report, *, stacking: bool = False
+) -> FlatState:
+    """Apply `rules` in order: with `stacking=False` every rule but `Stack` (on the
+    source as read), with `stacking=True` the `Stack` rules only (after layout)."""
+    for rule in rules or ():
+        if isinstance(rule, Stack) == stacking:
+            try:
+                flat = _APPLY[type(rule)](rule, flat, report)
+            except KeyError:
+                raise TypeError(f"not a rule: {rule!r}") from None
+    return flat
 
 
 def _nearest(key: str, candidates: Iterable[str]) -> str | None:

@@ -8,7 +8,7 @@ spelled the NNX way (`("layers", 0, "kernel")`). The spellings of the other form
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -53,6 +53,59 @@ class LazyArray:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(shape={self.shape}, dtype={self.dtype})"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Derived(LazyArray):
+    """`fn(*sources)` computed only when read: plans describe it without moving data."""
+
+    sources: tuple[Any, ...]
+    fn: Callable[..., np.ndarray]
+    shape: tuple[int, ...]
+    dtype: Any
+
+    def read(self, index: Any = ...) -> np.ndarray:
+        return np.asarray(self.fn(*(np.asarray(source) for source in self.sources)))[index]
+
+
+def split(value: Any, parts: int, index: int, axis: int = 0) -> Derived:
+    """Part `index` of `parts` equal slices of `value` along `axis`, lazily."""
+    shape = list(np.shape(value))
+    shape[axis] //= parts
+    step = shape[axis]
+    take = [slice(None)] * len(shape)
+    take[axis] = slice(index * step, (index + 1) * step)
+    return Derived((value,), lambda array: array[tuple(take)], tuple(shape), value.dtype)
+
+
+def concatenate(values: list[Any], axis: int = 0) -> Derived:
+    """`values` joined along `axis`, lazily (the inverse of `split`)."""
+    shape = list(np.shape(values[0]))
+    shape[axis] = sum(np.shape(value)[axis] for value in values)
+    return Derived(
+        tuple(values),
+        lambda *arrays: np.concatenate(arrays, axis=axis),
+        tuple(shape),
+        values[0].dtype,
+    )
+
+
+def stack(values: list[Any], axis: int = 0) -> Derived:
+    """`values` stacked along a new `axis`, lazily (per-layer tensors -> a scanned one)."""
+    shape = list(np.shape(values[0]))
+    shape.insert(axis if axis >= 0 else len(shape) + 1 + axis, len(values))
+    return Derived(
+        tuple(values), lambda *arrays: np.stack(arrays, axis=axis), tuple(shape), values[0].dtype
+    )
+
+
+def take(value: Any, index: int, axis: int = 0) -> Derived:
+    """Slice `index` of `value` along `axis`, lazily (the inverse of `stack`)."""
+    shape = list(np.shape(value))
+    del shape[axis]
+    return Derived(
+        (value,), lambda array: np.take(array, index, axis=axis), tuple(shape), value.dtype
+    )
 
 
 @dataclasses.dataclass(frozen=True)

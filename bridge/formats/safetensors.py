@@ -260,33 +260,34 @@ def _read_index(directory: Path) -> dict[str, SafetensorsArray]:
             f'{index_path}: expected {{"weight_map": {{"key": "shard file name"}}}}, '
             "shard names without directories"
         )
-    shard_of: dict[str, str] = {}  # key -> the shard that holds it
-    tensors: dict[str, SafetensorsArray] = {}
+    shards: dict[str, dict[str, SafetensorsArray]] = {}
     for name in dict.fromkeys(weight_map.values()):
-        shard_path = directory / name
-        if not shard_path.is_file():
+        if not (directory / name).is_file():
             listed = [key for key, shard in weight_map.items() if shard == name]
             raise FormatError(
                 f"{index_path}: shard {name!r} does not exist in {directory} "
                 f"(it should hold {len(listed)} tensors, e.g. {listed[0]!r})"
             )
-        for key, array in read_file(shard_path).items():
-            if key in shard_of:
+        shards[name] = read_file(directory / name)
+    tensors: dict[str, SafetensorsArray] = {}
+    for name, shard in shards.items():
+        for key, array in shard.items():
+            listed = weight_map.get(key)
+            if listed is None:
                 raise FormatError(
-                    f"{index_path}: tensor {key!r} is in both {shard_of[key]!r} and {name!r}"
+                    f"{directory / name}: tensor {key!r} is in this shard but not in {INDEX_FILE}"
                 )
-            if key not in weight_map:
+            if listed != name and key in shards[listed]:
                 raise FormatError(
-                    f"{shard_path}: tensor {key!r} is in this shard but not in {INDEX_FILE}"
+                    f"{index_path}: tensor {key!r} is in both {listed!r} and {name!r}"
                 )
-            if weight_map[key] != name:
+            if listed != name:
                 raise FormatError(
-                    f"{shard_path}: tensor {key!r} is in this shard, but {INDEX_FILE} puts it "
-                    f"in {weight_map[key]!r}"
+                    f"{directory / name}: tensor {key!r} is in this shard, but {INDEX_FILE} "
+                    f"puts it in {listed!r}"
                 )
-            shard_of[key] = name
             tensors[key] = array
-    if missing := [key for key in weight_map if key not in shard_of]:
+    if missing := [key for key in weight_map if key not in tensors]:
         raise FormatError(
             f"{index_path}: tensor {missing[0]!r} is listed in shard {weight_map[missing[0]]!r} "
             f"but is not in it ({len(missing)} listed tensors missing)"
@@ -370,7 +371,8 @@ def _checked(flat: FlatState) -> dict[str, Leaf]:
 
 
 def _materialized(key: str, value: Any) -> np.ndarray:
-    """A little-endian, C-contiguous numpy array of `value` (a copy only where needed)."""
+    """A C-contiguous numpy array of `value`, copied only where needed (`save_file` reads
+    raw memory, and swaps big-endian data itself)."""
     try:
         array = np.asarray(value)
     except FormatError:  # a lazy source that is itself corrupt says so best
@@ -381,8 +383,6 @@ def _materialized(key: str, value: Any) -> np.ndarray:
         ) from exc
     if _code_of(array.dtype) is None:
         raise FormatError(f"{key!r}: safetensors cannot hold dtype {array.dtype}")
-    if array.dtype.byteorder == ">":
-        array = array.astype(array.dtype.newbyteorder("<"))
     return array if array.flags.c_contiguous else array.copy(order="C")
 
 
