@@ -23,7 +23,7 @@ from bridge.errors import (
     OutputExistsError,
 )
 from bridge.graph import Context, Edge, Format, register_conversion, register_format
-from bridge.mapping import Problem, Report, Rule
+from bridge.mapping import Merge, Problem, Report, Rule, Split, Stack, Unstack
 from bridge.tree import FlatState, Leaf, Path
 
 try:
@@ -39,6 +39,7 @@ __all__ = [
     "Format",
     "FormatError",
     "Leaf",
+    "Merge",
     "MismatchError",
     "NoRouteError",
     "OutputExistsError",
@@ -48,6 +49,9 @@ __all__ = [
     "Problem",
     "Report",
     "Rule",
+    "Split",
+    "Stack",
+    "Unstack",
     "__version__",
     "conversions",
     "convert",

@@ -52,14 +52,17 @@ class KeyTemplate:
 @dataclasses.dataclass(frozen=True)
 class Split:
     """One fused tensor -> equal parts along `axis`: `Split("{p*}.c_attn.{r}",
-    ["{p*}.q.{r}", "{p*}.k.{r}", "{p*}.v.{r}"], axis=-1)`."""
+    ["{p*}.q.{r}", "{p*}.k.{r}", "{p*}.v.{r}"], axis=-1)`. Split and Merge act on the
+    source as read, before layout conversion: `axis` is in the source's layout."""
 
     fused: str
     parts: Sequence[str]
     axis: int = 0
 
-    def inverse(self) -> Merge:
-        return Merge(self.parts, self.fused, self.axis)
+    def inverse(self, axis: int | None = None) -> Merge:
+        """The rule for the other direction; `axis` where the other side's layout puts
+        the fused axis elsewhere (torch Linear (out, in) vs Flax kernel (in, out))."""
+        return Merge(self.parts, self.fused, self.axis if axis is None else axis)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,8 +73,10 @@ class Merge:
     fused: str
     axis: int = 0
 
-    def inverse(self) -> Split:
-        return Split(self.fused, self.parts, self.axis)
+    def inverse(self, axis: int | None = None) -> Split:
+        """The rule for the other direction; `axis` where the other side's layout puts
+        the fused axis elsewhere (torch Linear (out, in) vs Flax kernel (in, out))."""
+        return Split(self.fused, self.parts, self.axis if axis is None else axis)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,7 +7,8 @@ The order matters: an adapter registers edges to formats registered before it.
 from bridge.formats import nnx
 from bridge.formats import linen
 from bridge.formats import torch
+from bridge.formats import safetensors
 
 # isort: on
 
-__all__ = ["linen", "nnx", "torch"]
+__all__ = ["linen", "nnx", "safetensors", "torch"]

@@ -21,6 +21,8 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import save_file
 
 from bridge.atomic import atomic_output
 from bridge.errors import FormatError
@@ -387,10 +389,7 @@ def _materialized(key: str, value: Any) -> np.ndarray:
 
 
 def _save(file: Path, leaves: Mapping[str, Leaf], shown_as: Path) -> None:
-    """One file; only its tensors are in memory at once. The `safetensors` package is
-    imported here: it comes with the torch extra, and only writing needs it."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import save_file
+    """One file; only its tensors are in memory at once."""
 
     arrays = {key: _materialized(key, leaf.value) for key, leaf in leaves.items()}
     try:
