@@ -217,22 +217,18 @@ def _by_parent(template: FlatState | None) -> dict[str, dict[str, Leaf]]:
     return groups
 
 
-def _module_hints(flat: FlatState, modules: Mapping[str, str] | None) -> FlatState:
-    """Apply the caller's `modules={pattern: family}` to leaves whose module is unknown."""
-    if not modules:
-        return flat
-    compiled = [(re.compile(pattern), name) for pattern, name in modules.items()]
-    unknown = [name for _, name in compiled if name not in KERNEL_RULES | WEIGHT_ROLES]
+def _hinter(modules: Mapping[str, str] | None) -> Callable[[Path], str | None]:
+    """The caller's `modules={pattern: family}` as a lookup from a module's path: the
+    torch module family of keys a bare state_dict cannot tell."""
+    compiled = [(re.compile(pattern), name) for pattern, name in (modules or {}).items()]
+    unknown = [name for _, name in compiled if name not in WEIGHT_ROLES]
     if unknown:
         raise ValueError(
             f"modules=: unknown module kind(s) {unknown}; known: {sorted(WEIGHT_ROLES)}"
         )
-    out = {}
-    for path, leaf in flat.items():
-        parent = dotted(path[:-1])
-        hint = next((name for pattern, name in compiled if pattern.search(parent)), None)
-        out[path] = leaf.replace(module=hint) if hint and leaf.module is None else leaf
-    return out
+    return lambda parent: next(
+        (name for pattern, name in compiled if pattern.search(dotted(parent))), None
+    )
 
 
 def _weight_role(leaf: Leaf, siblings: Mapping[str, Leaf] | None) -> str:
@@ -263,7 +259,10 @@ def _conv1d_seen(pairs: list[tuple[Shape, Shape]]) -> bool:
 
 def to_flax(flat: FlatState, ctx: Context) -> FlatState:
     """torch-layout leaves -> Flax-layout leaves (the table read forwards)."""
-    flat = _module_hints(flat, ctx.options.get("modules"))
+    hint = _hinter(ctx.options.get("modules"))
+    flat = {
+        path: leaf.replace(module=leaf.module or hint(path[:-1])) for path, leaf in flat.items()
+    }
     groups = _by_parent(ctx.template_flat)
     mha = {path[:-1] for path in flat if path[-1] in ("in_proj_weight", *MHA_SEPARATE)}
     planned: list[tuple[Path, Leaf, str, Leaf | None]] = []  # (flax path, leaf, role, target)
@@ -347,7 +346,8 @@ def _describe(rule: str, leaf: Leaf, shape: Shape, to: str) -> str:
 
 def to_torch(flat: FlatState, ctx: Context) -> FlatState:
     """Flax-layout leaves -> torch-layout leaves (the table read backwards)."""
-    groups = _by_parent(_module_hints(ctx.template_flat or {}, ctx.options.get("modules")))
+    hint = _hinter(ctx.options.get("modules"))
+    groups = _by_parent(ctx.template_flat)
     mha = {parent for parent, roles in groups.items() if "in_proj_weight" in roles}
     fused: dict[tuple[Path, str], dict[str, Leaf]] = {}
     planned: list[tuple[Path, Leaf, str, Leaf | None]] = []  # (torch path, leaf, role, target)
@@ -402,7 +402,7 @@ def to_torch(flat: FlatState, ctx: Context) -> FlatState:
                 rule = kernel_rule(
                     target and target.shape,
                     leaf.shape,
-                    target and target.module,
+                    (target and target.module) or hint(path[:-1]),
                     leaf.module,
                     conv1d_seen,
                 )

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "examples"))  # tests reuse the examples
 
 PARTITIONED = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("embed", "mlp"))
 

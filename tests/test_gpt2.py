@@ -2,77 +2,17 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
 from flax import nnx
+from nnx_gpt2 import Gpt2LMHead
 
 import bridge
 
 CONV1D = {r"\.(c_attn|c_proj|c_fc)$": "Conv1D"}
-
-
-class Attention(nnx.Module):
-    def __init__(self, config: transformers.GPT2Config, rngs: nnx.Rngs) -> None:
-        width = config.n_embd
-        self.heads = config.n_head
-        self.c_attn = nnx.Linear(width, 3 * width, rngs=rngs)
-        self.c_proj = nnx.Linear(width, width, rngs=rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        batch, length, width = x.shape
-        q, k, v = jnp.split(self.c_attn(x), 3, axis=-1)
-        split = lambda t: t.reshape(batch, length, self.heads, -1)  # noqa: E731
-        mask = nnx.make_causal_mask(jnp.ones((batch, length)))
-        y = nnx.dot_product_attention(split(q), split(k), split(v), mask=mask)
-        return self.c_proj(y.reshape(batch, length, width))
-
-
-class Mlp(nnx.Module):
-    def __init__(self, config: transformers.GPT2Config, rngs: nnx.Rngs) -> None:
-        self.c_fc = nnx.Linear(config.n_embd, 4 * config.n_embd, rngs=rngs)
-        self.c_proj = nnx.Linear(4 * config.n_embd, config.n_embd, rngs=rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.c_proj(jax.nn.gelu(self.c_fc(x), approximate=True))
-
-
-class Block(nnx.Module):
-    def __init__(self, config: transformers.GPT2Config, rngs: nnx.Rngs) -> None:
-        eps = config.layer_norm_epsilon
-        self.ln_1 = nnx.LayerNorm(config.n_embd, epsilon=eps, rngs=rngs)
-        self.attn = Attention(config, rngs)
-        self.ln_2 = nnx.LayerNorm(config.n_embd, epsilon=eps, rngs=rngs)
-        self.mlp = Mlp(config, rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
-
-
-class Transformer(nnx.Module):
-    def __init__(self, config: transformers.GPT2Config, rngs: nnx.Rngs) -> None:
-        self.wte = nnx.Embed(config.vocab_size, config.n_embd, rngs=rngs)
-        self.wpe = nnx.Embed(config.n_positions, config.n_embd, rngs=rngs)
-        self.h = nnx.List([Block(config, rngs) for _ in range(config.n_layer)])
-        self.ln_f = nnx.LayerNorm(config.n_embd, epsilon=config.layer_norm_epsilon, rngs=rngs)
-
-
-class Gpt2LMHead(nnx.Module):
-    """GPT-2 with the head tied to the token embedding, as HF's GPT2LMHeadModel."""
-
-    def __init__(self, config: transformers.GPT2Config, rngs: nnx.Rngs) -> None:
-        self.transformer = Transformer(config, rngs)
-
-    def __call__(self, ids: jax.Array) -> jax.Array:
-        t = self.transformer
-        x = t.wte(ids) + t.wpe(jnp.arange(ids.shape[1]))
-        for block in t.h:
-            x = block(x)
-        return t.wte.attend(t.ln_f(x))
 
 
 CONFIG = transformers.GPT2Config(
@@ -137,3 +77,26 @@ def test_export_round_trip_is_bit_exact(hf_model):
     assert state["lm_head.weight"] is state["transformer.wte.weight"]  # still tied
     fresh = transformers.GPT2LMHeadModel(CONFIG)
     fresh.load_state_dict(state, strict=True)
+
+
+def test_from_saved_safetensors(hf_model, tmp_path):
+    hf_model.save_pretrained(tmp_path)
+    assert bridge.detect(tmp_path) == "safetensors"
+    model = bridge.convert(tmp_path, to="nnx", template=template(), modules=CONV1D)
+    check_parity(model, hf_model)
+
+
+@pytest.mark.parametrize("torch_template", [False, True], ids=["modules-hint", "meta-template"])
+def test_export_to_safetensors_loads_in_transformers(hf_model, tmp_path, torch_template):
+    model = bridge.convert(hf_model, to="nnx", template=template())
+    if torch_template:  # an HF model on the meta device: names, shapes and module types only
+        with torch.device("meta"):
+            options = {"template": transformers.GPT2LMHeadModel(CONFIG)}
+    else:
+        options = {"modules": CONV1D}
+    out = bridge.save(model, tmp_path / "export", format="safetensors", **options)
+    CONFIG.save_pretrained(out)
+    reloaded = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    np.testing.assert_array_equal(hf_logits(reloaded), hf_logits(hf_model))
+    with pytest.raises(bridge.OutputExistsError):
+        bridge.save(model, out, format="safetensors", **options)
