@@ -32,7 +32,8 @@ test: $(BIN)/.installed test-flax-min
 	$(BIN)/python -m pytest -q
 
 test-flax-min: $(FLAX_MIN_VENV)/bin/.installed
-	$(FLAX_MIN_VENV)/bin/python -m pytest -q -m flax_compat -p no:cacheprovider
+	$(FLAX_MIN_VENV)/bin/python -m pytest -q -p no:cacheprovider -m flax_compat \
+		$(shell grep -l "pytest.mark.flax_compat" tests/test_*.py)
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
