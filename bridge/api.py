@@ -46,6 +46,8 @@ def _run(
     """Everything `convert` does but writing the target: no array is touched."""
     src = source or GRAPH.detect(obj)
     ctx = Context(template, list(rules) if rules else None, strict, options)
+    named = f" {os.fspath(obj)!r}" if isinstance(obj, str | os.PathLike) else ""
+    ctx.report.subject = f"{src}{named} -> {to}"
     hops = GRAPH.route(src, to, ctx.satisfies())
     src_format, dst_format = GRAPH.format(src), GRAPH.format(to)
     known = frozenset().union(src_format.options, *(GRAPH.format(e.dst).options for e in hops))

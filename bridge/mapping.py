@@ -150,6 +150,8 @@ class Report:
     dropped: list[str] = dataclasses.field(default_factory=list)
     abstract: list[str] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
+    subject: str = ""
+    """What was converted (`"safetensors 'ckpt/' -> nnx"`), so errors name the input."""
 
     @property
     def ok(self) -> bool:
@@ -174,7 +176,8 @@ class Report:
             for title, items in sections
             if items
         ]
-        return "\n".join(lines) if lines else "all leaves matched"
+        text = "\n".join(lines) if lines else "all leaves matched"
+        return f"{self.subject}:\n{text}" if self.subject and not self.ok else text
 
 
 def describe(leaf: Leaf) -> str:

@@ -266,3 +266,54 @@ def test_pt_files_load_with_weights_only_and_malicious_pickles_are_refused(tmp_p
     broken.write_bytes(path.read_bytes()[:100])
     with pytest.raises(bridge.FormatError, match=r"broken\.bin"):
         bridge.convert(broken, to="nnx_state", modules={".*": "Linear"})
+
+
+def test_cnn_from_safetensors_and_back_bit_exact(tmp_path, images):
+    from safetensors.torch import save_file
+
+    torch_model = trained_torch_cnn()
+    original = torch_model.state_dict()
+    save_file(original, tmp_path / "cnn.safetensors")
+    before = (tmp_path / "cnn.safetensors").read_bytes()
+    template = nnx.eval_shape(lambda: NnxCnn(nnx.Rngs(0)))
+    model = bridge.convert(tmp_path / "cnn.safetensors", to="nnx", template=template)
+    x_torch, x_jax = images
+    with torch.no_grad():
+        expected = torch_model(x_torch).numpy()
+    np.testing.assert_allclose(model(x_jax), expected, atol=1e-5, rtol=1e-5)
+    assert (tmp_path / "cnn.safetensors").read_bytes() == before  # input untouched
+
+    out = bridge.save(
+        model, tmp_path / "out.safetensors", format="safetensors", template=torch_model
+    )
+    reloaded = bridge.convert(out, to="torch")
+    assert_state_dicts_equal(reloaded, original)
+
+
+def test_wrong_shape_in_a_file_names_the_file_and_the_key(tmp_path):
+    from safetensors.torch import save_file
+
+    state = dict(trained_torch_cnn().state_dict())
+    state["head.weight"] = torch.zeros(5, 3)
+    save_file(state, tmp_path / "bad.safetensors")
+    template = nnx.eval_shape(lambda: NnxCnn(nnx.Rngs(0)))
+    with pytest.raises(bridge.MismatchError) as caught:
+        bridge.convert(tmp_path / "bad.safetensors", to="nnx", template=template)
+    message = str(caught.value)
+    assert "bad.safetensors" in message
+    assert "head.kernel: expected shape (4, 5) float32" in message and "head.weight" in message
+
+
+def test_multihead_attention_from_safetensors(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(2)
+    wrapper = torch.nn.Module()
+    wrapper.attn = torch.nn.MultiheadAttention(16, 4, batch_first=True)
+    save_file(wrapper.state_dict(), tmp_path / "mha.safetensors")
+    template = nnx.eval_shape(lambda: NnxAttention(nnx.Rngs(0)))
+    model = bridge.convert(tmp_path / "mha.safetensors", to="nnx", template=template)
+    x = torch.randn(1, 3, 16)
+    with torch.no_grad():
+        expected = wrapper.attn(x, x, x, need_weights=False)[0].numpy()
+    np.testing.assert_allclose(model.attn(jnp.asarray(x.numpy())), expected, atol=1e-5)
