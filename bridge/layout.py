@@ -297,38 +297,7 @@ def to_flax(flat: FlatState, ctx: Context) -> FlatState:
         except Ambiguous as error:
             ctx.report.ambiguous.append(Problem(leaf.source, found=str(error)))
 
-    conv1d_seen = _conv1d_seen(
-        [
-            (leaf.shape, target.shape)
-            for _, leaf, role, target in planned
-            if role == "kernel" and target is not None and leaf.module is None
-        ]
-    )
-    out: FlatState = {}
-    for path, leaf, role, target in planned:
-        try:
-            rule = "identity"
-            if role == "kernel":
-                rule = kernel_rule(
-                    leaf.shape,
-                    target and target.shape,
-                    leaf.module,
-                    target and target.module,
-                    conv1d_seen,
-                )
-        except Ambiguous as error:
-            ctx.report.ambiguous.append(Problem(leaf.source, found=str(error)))
-            continue
-        shape = target.shape if target is not None else natural_shape(rule, leaf.shape, "flax")
-        if int(np.prod(shape)) != int(np.prod(leaf.shape)):
-            shape = natural_shape(rule, leaf.shape, "flax")  # the matcher reports the mismatch
-        out[path] = leaf.replace(
-            value=apply(rule, leaf.value, shape, "flax"),
-            kind="batch_stats" if role in BATCH_STAT_ROLES else None,
-            module=None,
-            transform=_describe(rule, leaf, shape, "flax"),
-        )
-    return out
+    return _relaid(planned, ctx, "flax", lambda parent: None)
 
 
 _STEP_NAMES = {"linear": "transpose", "conv": "permute", "conv_transpose": "permute+flip"}
@@ -384,38 +353,46 @@ def to_torch(flat: FlatState, ctx: Context) -> FlatState:
         )
         planned.append(((*parent, name), fused_leaf, "fused", target))
 
-    conv1d_seen = _conv1d_seen(
-        [
-            (target.shape, leaf.shape)
-            for _, leaf, role, target in planned
-            if role == "kernel" and target is not None and target.module is None
-        ]
-    )
+    return _relaid(planned, ctx, "torch", hint)
+
+
+def _relaid(
+    planned: list[tuple[Path, Leaf, str, Leaf | None]],
+    ctx: Context,
+    to: str,
+    hint: Callable[[Path], str | None],
+) -> FlatState:
+    """Choose each planned leaf's rule and lay it out towards `to` ("flax" or "torch").
+
+    `planned` holds (new path, leaf, role, the template's leaf or None); `hint` gives the
+    torch module family the caller declared for a path (`modules=`).
+    """
+
+    def sides(path: Path, leaf: Leaf, target: Leaf | None) -> tuple[Any, Any, Any, Any]:
+        """(torch shape, Flax shape, torch family, Flax family) of a planned leaf."""
+        other_shape, other_family = (target.shape, target.module) if target else (None, None)
+        if to == "flax":
+            return leaf.shape, other_shape, leaf.module, other_family
+        return other_shape, leaf.shape, other_family or hint(path[:-1]), leaf.module
+
+    kernels = [sides(*plan[:2], plan[3]) for plan in planned if plan[2] == "kernel" and plan[3]]
+    conv1d_seen = _conv1d_seen([(a, b) for a, b, family, _ in kernels if family is None])
     out: FlatState = {}
     for path, leaf, role, target in planned:
-        if role == "fused":
-            out[path] = leaf.replace(module=None, kind=None)
-            continue
-        try:
-            rule = "identity"
-            if role == "kernel":
-                rule = kernel_rule(
-                    target and target.shape,
-                    leaf.shape,
-                    (target and target.module) or hint(path[:-1]),
-                    leaf.module,
-                    conv1d_seen,
-                )
-        except Ambiguous as error:
-            ctx.report.ambiguous.append(Problem(leaf.source, found=str(error)))
-            continue
-        shape = target.shape if target is not None else natural_shape(rule, leaf.shape, "torch")
+        rule = "identity"
+        if role == "kernel":
+            try:
+                rule = kernel_rule(*sides(path, leaf, target), conv1d_seen)
+            except Ambiguous as error:
+                ctx.report.ambiguous.append(Problem(leaf.source, found=str(error)))
+                continue
+        shape = target.shape if target is not None else natural_shape(rule, leaf.shape, to)
         if int(np.prod(shape)) != int(np.prod(leaf.shape)):
-            shape = natural_shape(rule, leaf.shape, "torch")  # the matcher reports the mismatch
+            shape = natural_shape(rule, leaf.shape, to)  # the matcher reports the mismatch
         out[path] = leaf.replace(
-            value=apply(rule, leaf.value, shape, "torch"),
-            kind=None,
+            value=apply(rule, leaf.value, shape, to),
+            kind="batch_stats" if to == "flax" and role in BATCH_STAT_ROLES else None,
             module=None,
-            transform=_describe(rule, leaf, shape, "torch"),
+            transform=_describe(rule, leaf, shape, to),
         )
     return out
