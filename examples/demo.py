@@ -20,7 +20,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is built locally
 import transformers
 from flax import nnx
-from nnx_gpt2 import Gpt2LMHead
+from nnx_gpt2 import CONV1D_MODULES, Gpt2LMHead
 
 import bridge
 
@@ -80,9 +80,6 @@ def nnx_linen_round_trip() -> None:
         raise SystemExit("NNX -> Linen -> NNX: outputs differ")
 
 
-GPT2_CONV1D = {r"\.(c_attn|c_proj|c_fc)$": "Conv1D"}  # HF Conv1D stores weights (in, out)
-
-
 def gpt2_round_trip(workdir: Path) -> None:
     config = transformers.GPT2Config(
         n_layer=2,
@@ -101,12 +98,12 @@ def gpt2_round_trip(workdir: Path) -> None:
         expected = hf_model(torch.from_numpy(ids)).logits.numpy()
 
     template = nnx.eval_shape(lambda: Gpt2LMHead(config, nnx.Rngs(0)))
-    print(bridge.plan(workdir / "hf", to="nnx", template=template, modules=GPT2_CONV1D), "\n")
-    model = bridge.convert(workdir / "hf", to="nnx", template=template, modules=GPT2_CONV1D)
+    print(bridge.plan(workdir / "hf", to="nnx", template=template, modules=CONV1D_MODULES), "\n")
+    model = bridge.convert(workdir / "hf", to="nnx", template=template, modules=CONV1D_MODULES)
     error = float(np.abs(np.asarray(model(jnp.asarray(ids))) - expected).max())
     print(f"GPT-2 safetensors -> NNX: max |logits - torch logits| = {error:.2e}")
 
-    exported = bridge.save(model, workdir / "export", format="safetensors", modules=GPT2_CONV1D)
+    exported = bridge.save(model, workdir / "export", format="safetensors", modules=CONV1D_MODULES)
     config.save_pretrained(exported)
     reloaded = transformers.GPT2LMHeadModel.from_pretrained(exported).eval()
     with torch.no_grad():

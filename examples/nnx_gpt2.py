@@ -9,6 +9,10 @@ import jax.numpy as jnp
 import transformers
 from flax import nnx
 
+CONV1D_MODULES = {r"\.(c_attn|c_proj|c_fc)$": "Conv1D"}
+"""For `bridge.convert(..., modules=CONV1D_MODULES)`: HF's GPT-2 state_dict does not say
+that these layers are `Conv1D`s, which store weights (in, out), not (out, in)."""
+
 
 class Attention(nnx.Module):
     def __init__(self, config: transformers.GPT2Config, rngs: nnx.Rngs) -> None:

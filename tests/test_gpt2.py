@@ -8,12 +8,9 @@ import pytest
 import torch
 import transformers
 from flax import nnx
-from nnx_gpt2 import Gpt2LMHead
+from nnx_gpt2 import CONV1D_MODULES, Gpt2LMHead
 
 import bridge
-
-CONV1D = {r"\.(c_attn|c_proj|c_fc)$": "Conv1D"}
-
 
 CONFIG = transformers.GPT2Config(
     n_layer=2,
@@ -63,7 +60,7 @@ def test_from_the_state_dict_needs_to_be_told_about_conv1d(hf_model):
     state = hf_model.state_dict()
     with pytest.raises(bridge.MismatchError, match=r"(?s)attn\.c_proj\.weight.*square"):
         bridge.convert(state, to="nnx", template=template())
-    model = bridge.convert(state, to="nnx", template=template(), modules=CONV1D)
+    model = bridge.convert(state, to="nnx", template=template(), modules=CONV1D_MODULES)
     check_parity(model, hf_model)
 
 
@@ -82,7 +79,7 @@ def test_export_round_trip_is_bit_exact(hf_model):
 def test_from_saved_safetensors(hf_model, tmp_path):
     hf_model.save_pretrained(tmp_path)
     assert bridge.detect(tmp_path) == "safetensors"
-    model = bridge.convert(tmp_path, to="nnx", template=template(), modules=CONV1D)
+    model = bridge.convert(tmp_path, to="nnx", template=template(), modules=CONV1D_MODULES)
     check_parity(model, hf_model)
 
 
@@ -93,7 +90,7 @@ def test_export_to_safetensors_loads_in_transformers(hf_model, tmp_path, torch_t
         with torch.device("meta"):
             options = {"template": transformers.GPT2LMHeadModel(CONFIG)}
     else:
-        options = {"modules": CONV1D}
+        options = {"modules": CONV1D_MODULES}
     out = bridge.save(model, tmp_path / "export", format="safetensors", **options)
     CONFIG.save_pretrained(out)
     reloaded = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
