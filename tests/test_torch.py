@@ -177,17 +177,19 @@ class NnxAttention(nnx.Module):
         self.attn = nnx.MultiHeadAttention(4, 16, decode=False, rngs=rngs)
 
 
-def test_multihead_attention_parity_both_ways():
+@pytest.mark.parametrize("given", ["module", "state_dict"])
+def test_multihead_attention_parity_both_ways(given):
     torch.manual_seed(0)
     wrapper = torch.nn.Module()
     wrapper.attn = torch.nn.MultiheadAttention(16, 4, batch_first=True)
     x = torch.randn(2, 5, 16)
     template = nnx.eval_shape(lambda: NnxAttention(nnx.Rngs(0)))
-    model = bridge.convert(wrapper, to="nnx", template=template)
+    source = wrapper if given == "module" else wrapper.state_dict()
+    model = bridge.convert(source, to="nnx", template=template)
     with torch.no_grad():
         expected = wrapper.attn(x, x, x, need_weights=False)[0].numpy()
     np.testing.assert_allclose(model.attn(jnp.asarray(x.numpy())), expected, atol=1e-5)
-    plan = bridge.plan(wrapper, to="nnx", template=template)
+    plan = bridge.plan(source, to="nnx", template=template)
     assert {row.target: row.transform for row in plan.rows}["attn.key.kernel"] == (
         "split 2/3, transpose, reshape (16, 4, 4)"
     )
