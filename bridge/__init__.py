@@ -4,12 +4,14 @@ from importlib.metadata import PackageNotFoundError, version
 
 from bridge import formats as _formats  # noqa: F401  (registers the built-in adapters)
 from bridge.api import (
+    Inspection,
     Plan,
     PlanRow,
     conversions,
     convert,
     detect,
     formats,
+    inspect,
     load,
     plan,
     route,
@@ -38,6 +40,7 @@ __all__ = [
     "FlatState",
     "Format",
     "FormatError",
+    "Inspection",
     "Leaf",
     "Merge",
     "MismatchError",
@@ -57,6 +60,7 @@ __all__ = [
     "convert",
     "detect",
     "formats",
+    "inspect",
     "load",
     "plan",
     "register_conversion",

@@ -34,6 +34,10 @@ def route(src: str, dst: str) -> list[Edge]:
     return GRAPH.route(src, dst)
 
 
+def _named(obj: Any) -> str:
+    return f" {os.fspath(obj)!r}" if isinstance(obj, str | os.PathLike) else ""
+
+
 def _run(
     obj: Any,
     to: str,
@@ -46,8 +50,8 @@ def _run(
     """Everything `convert` does but writing the target: no array is touched."""
     src = source or GRAPH.detect(obj)
     ctx = Context(template, list(rules) if rules else None, strict, options)
-    named = f" {os.fspath(obj)!r}" if isinstance(obj, str | os.PathLike) else ""
-    ctx.report.subject = f"{src}{named} -> {to}"
+    ctx.source = src
+    ctx.report.subject = f"{src}{_named(obj)} -> {to}"
     hops = GRAPH.route(src, to, ctx.satisfies())
     src_format, dst_format = GRAPH.format(src), GRAPH.format(to)
     known = frozenset().union(src_format.options, *(GRAPH.format(e.dst).options for e in hops))
@@ -124,6 +128,22 @@ class PlanRow:
     transform: str
     dtype: str
     nbytes: int
+    shape: tuple[int, ...] = ()
+
+
+def _table(cells: list[tuple[str, ...]], footer: str) -> str:
+    """Left-aligned columns, the last (bytes) right-aligned, a rule under the header."""
+    widths = [max(len(line[i]) for line in cells) for i in range(len(cells[0]))]
+    last = len(widths) - 1
+    lines = [
+        "  ".join(
+            cell.rjust(width) if i == last else cell.ljust(width)
+            for i, (cell, width) in enumerate(zip(line, widths, strict=True))
+        ).rstrip()
+        for line in cells
+    ]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join([*lines, footer])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,23 +172,8 @@ class Plan:
             (row.source or "(none)", row.target, row.transform or "-", row.dtype, f"{row.nbytes:,}")
             for row in self.rows
         ]
-        widths = [max(len(line[i]) for line in cells) for i in range(len(header))]
-        table = [
-            "  ".join(
-                cell.rjust(w) if i == 4 else cell.ljust(w)
-                for i, (cell, w) in enumerate(zip(line, widths, strict=True))
-            ).rstrip()
-            for line in cells
-        ]
-        table.insert(1, "  ".join("-" * w for w in widths))
-        return "\n".join(
-            [
-                f"plan {self.source} -> {self.target}: {hops}",
-                *table,
-                f"{len(self.rows)} leaves, {self.nbytes:,} bytes",
-                str(self.report),
-            ]
-        )
+        table = _table(cells, f"{len(self.rows)} leaves, {self.nbytes:,} bytes")
+        return f"plan {self.source} -> {self.target}: {hops}\n{table}\n{self.report}"
 
 
 def plan(
@@ -185,7 +190,9 @@ def plan(
     src, hops, flat, ctx = _run(obj, to, source, template, rules, strict, options)
     spell = GRAPH.format(to).spell
     rows = [
-        PlanRow(leaf.source, spell(path, leaf), leaf.transform, str(leaf.dtype), leaf.nbytes)
+        PlanRow(
+            leaf.source, spell(path, leaf), leaf.transform, str(leaf.dtype), leaf.nbytes, leaf.shape
+        )
         for path, leaf in flat.items()
     ]
     return Plan(src, to, hops, rows, ctx.report)
@@ -210,3 +217,38 @@ def save(
 def load(path: str | os.PathLike[str], to: str, **kwargs: Any) -> Any:
     """Read the file or directory at `path` into format `to` (same arguments as convert)."""
     return convert(os.fspath(path), to, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Inspection:
+    """What a file or object holds, read without its array data: format, and per leaf
+    key, shape, dtype and bytes; `print()` gives a table with totals."""
+
+    format: str
+    rows: list[PlanRow]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(row.nbytes for row in self.rows)
+
+    def __str__(self) -> str:
+        header = ("key", "shape", "dtype", "bytes")
+        cells = [header] + [
+            (row.target, str(row.shape), row.dtype, f"{row.nbytes:,}") for row in self.rows
+        ]
+        return _table(cells, f"{self.format}: {len(self.rows)} arrays, {self.nbytes:,} bytes")
+
+
+def inspect(obj: Any, *, source: str | None = None, **options: Any) -> Inspection:
+    """Format, keys, shapes, dtypes and bytes of `obj` (a path, or an object), reading
+    no array data where the format allows (safetensors headers, Orbax metadata)."""
+    name = source or GRAPH.detect(obj)
+    fmt = GRAPH.format(name)
+    ctx = Context(options=options, source=name)
+    ctx.report.subject = f"{name}{_named(obj)}"
+    flat = (fmt.inspect or fmt.read)(obj, ctx)
+    rows = [
+        PlanRow("", fmt.spell(path, leaf), "", str(leaf.dtype), leaf.nbytes, leaf.shape)
+        for path, leaf in flat.items()
+    ]
+    return Inspection(name, rows)

@@ -30,6 +30,8 @@ class Context:
     report: Report = dataclasses.field(default_factory=Report)
     template_flat: FlatState | None = None
     """The template read as a flat state, for edges whose transform depends on it."""
+    source: str = ""
+    """The source format's name, for writers that lay out a tree the way it was."""
 
     def satisfies(self) -> frozenset[str]:
         """The edge needs this call meets."""
@@ -56,6 +58,9 @@ class Format:
     description: str = ""
     spell: Callable[[Path, Leaf], str] = lambda path, leaf: dotted(path)
     options: frozenset[str] = frozenset()
+    inspect: Reader | None = None
+    """Reads keys, shapes and dtypes without array data (placeholder leaves), for
+    formats whose `read` would load the arrays; None when `read` already reads nothing."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,10 +213,13 @@ def register_format(
     description: str = "",
     spell: Callable[[Path, Leaf], str] | None = None,
     options: Collection[str] = (),
+    inspect: Reader | None = None,
 ) -> Format:
     """Add a format: `detect(obj)` scores 0..1, `read(obj, ctx)` gives a flat state,
     `write(flat, ctx)` builds the object back."""
-    fmt = Format(name, detect, read, write, description, options=frozenset(options))
+    fmt = Format(
+        name, detect, read, write, description, options=frozenset(options), inspect=inspect
+    )
     if spell is not None:
         fmt = dataclasses.replace(fmt, spell=spell)
     return GRAPH.add_format(fmt)

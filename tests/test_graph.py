@@ -70,6 +70,7 @@ def test_detect():
     assert bridge.detect(abstract_nnx_net()) == "nnx"
     assert bridge.detect(nnx.state(make_nnx_net())) == "nnx_state"
     assert bridge.detect({"params": {"w": jnp.ones(2)}, "batch_stats": {}}) == "linen"
+    assert bridge.detect({"params": {"w": jnp.ones(2)}, "losses": {"x": jnp.ones(())}}) == "linen"
     assert bridge.detect(nnx.to_pure_dict(nnx.state(make_nnx_net()))) == "nnx_state"
     with pytest.raises(bridge.FormatError, match=r"(?s)builtins.list.*none of.*linen"):
         bridge.detect([1, 2])

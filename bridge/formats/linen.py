@@ -111,12 +111,15 @@ def spell(path: Path, leaf: Leaf) -> str:
 
 
 def detect(obj: Any) -> float:
-    """Collection-first dicts; sure when every top key is a registered collection name."""
+    """Collection-first dicts: sure when every top key is a registered collection name,
+    likely when some are (`params` next to a custom `losses`); a dict of unknown names
+    only could as well be a pure NNX state (pass `source="linen"`)."""
     if isinstance(obj, State) or not isinstance(obj, Mapping) or not obj:
         return 0.0
     if not all(isinstance(key, str) and isinstance(value, Mapping) for key, value in obj.items()):
         return 0.0
-    return 0.9 if set(obj) <= set(variablelib.VariableTypeCache) else 0.4
+    known = set(obj) & set(variablelib.VariableTypeCache)
+    return 0.9 if known == set(obj) else 0.7 if known else 0.4
 
 
 register_format(
