@@ -26,6 +26,7 @@ from bridge.errors import (
 )
 from bridge.graph import Context, Edge, Format, register_conversion, register_format
 from bridge.mapping import Merge, Problem, Report, Rule, Split, Stack, Unstack
+from bridge.migration import migrate
 from bridge.tree import FlatState, Leaf, Path
 
 try:
@@ -62,6 +63,7 @@ __all__ = [
     "formats",
     "inspect",
     "load",
+    "migrate",
     "plan",
     "register_conversion",
     "register_format",

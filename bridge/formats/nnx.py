@@ -59,7 +59,7 @@ def read_state(state: Any, ctx: Context) -> FlatState:
     return {tuple(path): Leaf(value) for path, value in flatten_mapping(state).items()}
 
 
-def read_module(model: nnx.Module, ctx: Context) -> FlatState:
+def read_module(model: nnx.Pytree, ctx: Context) -> FlatState:
     """The state, each leaf knowing its module's family (Linear, Conv, ...) for layout."""
     families = {
         tuple(path): family(type(node), FLAX_FAMILIES)
@@ -73,7 +73,7 @@ def read_module(model: nnx.Module, ctx: Context) -> FlatState:
 
 
 def _template_variables(template: Any) -> dict[Path, nnx.Variable]:
-    if isinstance(template, nnx.Module):
+    if isinstance(template, nnx.Pytree):
         template = nnx.state(template)
     if not isinstance(template, nnx.State):
         return {}
@@ -107,7 +107,7 @@ def write_state(flat: FlatState, ctx: Context) -> nnx.State:
     return nnx.from_flat_state(variables)
 
 
-def write_module(flat: FlatState, ctx: Context) -> nnx.Module:
+def write_module(flat: FlatState, ctx: Context) -> nnx.Pytree:
     graphdef, _ = nnx.split(ctx.template)
     return nnx.merge(graphdef, write_state(flat, ctx))
 
@@ -121,10 +121,11 @@ def _is_pure_state(obj: Any) -> bool:
 
 register_format(
     "nnx",
-    detect=lambda obj: 1.0 if isinstance(obj, nnx.Module) else 0.0,
+    detect=lambda obj: 1.0 if isinstance(obj, nnx.Pytree) else 0.0,
     read=read_module,
     write=write_module,
-    description="an nnx.Module, concrete or abstract (nnx.eval_shape)",
+    description="an nnx.Module (or other NNX object, e.g. nnx.Optimizer), concrete or "
+    "abstract (nnx.eval_shape)",
     options={"rng_seed"},
 )
 register_format(
