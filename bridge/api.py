@@ -11,7 +11,7 @@ from typing import Any, Literal, overload
 
 from bridge.graph import GRAPH, Context, Edge, Format
 from bridge.mapping import Report, Rule, apply_rules, match
-from bridge.tree import FlatState
+from bridge.tree import FlatState, cast_floating
 
 
 def detect(obj: Any) -> str:
@@ -54,7 +54,9 @@ def _run(
     ctx.report.subject = f"{src}{_named(obj)} -> {to}"
     hops = GRAPH.route(src, to, ctx.satisfies())
     src_format, dst_format = GRAPH.format(src), GRAPH.format(to)
-    known = frozenset().union(src_format.options, *(GRAPH.format(e.dst).options for e in hops))
+    known = frozenset().union(
+        {"dtype"}, src_format.options, *(GRAPH.format(e.dst).options for e in hops)
+    )
     if unknown := sorted(set(options) - known):
         raise TypeError(
             f"unknown option(s) {unknown} for {src} -> {to}; known: {sorted(known) or 'none'}"
@@ -70,6 +72,8 @@ def _run(
         if edge.transform is not None:
             flat = edge.transform(flat, ctx)
     flat = apply_rules(flat, ctx.rules, ctx.report, stacking=True)
+    if options.get("dtype") is not None:
+        flat = cast_floating(flat, options["dtype"])
     if ctx.template_flat is not None:
         flat = match(flat, ctx.template_flat, ctx.report, dst_format.spell)
     return src, hops, flat, ctx

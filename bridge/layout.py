@@ -29,7 +29,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bridge.mapping import Problem
-from bridge.tree import Derived, FlatState, Leaf, Path, concatenate, dotted, match_key, split
+from bridge.tree import (
+    Derived,
+    FlatState,
+    Leaf,
+    Path,
+    Transposed,
+    concatenate,
+    dotted,
+    match_key,
+    split,
+)
 
 if TYPE_CHECKING:
     from bridge.graph import Context
@@ -138,9 +148,15 @@ def family(cls: type, families: dict[str, str]) -> str | None:
 
 
 def apply(rule: str, value: Any, shape: Shape, to: str) -> Any:
-    """`value` re-laid out by `rule` towards `to` ("flax" or "torch"), lazily."""
+    """`value` re-laid out by `rule` towards `to` ("flax" or "torch"), lazily. A pure
+    transpose stays sliceable (`Transposed`), so sharded loads read only their slices."""
     if rule == "identity" and tuple(np.shape(value)) == tuple(shape):
         return value
+    if rule in ("linear", "conv") and tuple(shape) == natural_shape(rule, np.shape(value), to):
+        axes = _conv_axes(len(shape)) if rule == "conv" else (1, 0)
+        return Transposed(
+            value, axes if to == "flax" or rule == "linear" else tuple(np.argsort(axes))
+        )
     fn = getattr(RULES[rule], f"to_{to}")
     return Derived((value,), lambda array: fn(array, shape), tuple(shape), value.dtype)
 

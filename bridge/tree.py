@@ -68,6 +68,54 @@ class Derived(LazyArray):
         return np.asarray(self.fn(*(np.asarray(source) for source in self.sources)))[index]
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Transposed(LazyArray):
+    """`source.transpose(axes)`, read through the permuted index: a device that holds a
+    slice of the result reads only the matching slice of the source (of a file, say)."""
+
+    source: Any
+    axes: tuple[int, ...]
+
+    @property
+    def shape(self) -> tuple[int, ...]:  # type: ignore[override]
+        return tuple(np.shape(self.source)[axis] for axis in self.axes)
+
+    @property
+    def dtype(self) -> Any:  # type: ignore[override]
+        return self.source.dtype
+
+    def read(self, index: Any = ...) -> np.ndarray:
+        if index is Ellipsis or index == ():
+            return np.asarray(self.source).transpose(self.axes)
+        index = tuple(index) + (slice(None),) * (len(self.axes) - len(tuple(index)))
+        source_index = [slice(None)] * len(self.axes)
+        for position, axis in enumerate(self.axes):
+            source_index[axis] = index[position]
+        return np.asarray(read_slice(self.source, tuple(source_index))).transpose(self.axes)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Cast(LazyArray):
+    """`source` as another dtype, converted slice by slice as it is read."""
+
+    source: Any
+    dtype: Any
+
+    @property
+    def shape(self) -> tuple[int, ...]:  # type: ignore[override]
+        return tuple(np.shape(self.source))
+
+    def read(self, index: Any = ...) -> np.ndarray:
+        return np.asarray(read_slice(self.source, index)).astype(self.dtype)
+
+
+def read_slice(value: Any, index: Any = ...) -> Any:
+    """`value[index]`, reading only that slice where `value` is lazy."""
+    if isinstance(value, LazyArray):
+        return value.read(index)
+    return np.asarray(value)[index] if index is not Ellipsis else np.asarray(value)
+
+
 def split(value: Any, parts: int, index: int, axis: int = 0) -> Derived:
     """Part `index` of `parts` equal slices of `value` along `axis`, lazily."""
     shape = list(np.shape(value))
@@ -162,12 +210,35 @@ class Leaf:
 FlatState = dict[Path, Leaf]
 
 
-def to_jax(value: Any) -> Any:
+def to_jax(value: Any, sharding: jax.sharding.Sharding | None = None) -> Any:
     """A leaf value as the Flax formats hold it: jax arrays and placeholders unchanged,
-    numpy and lazy arrays read and put on the default device."""
-    if isinstance(value, jax.Array | jax.ShapeDtypeStruct):
+    numpy and lazy arrays read and put on the default device; with a sharding over
+    several devices, each device's slice is read and placed on its own, so a device
+    never receives (and a lazy file never gives) more than its shard."""
+    if isinstance(value, jax.ShapeDtypeStruct):
+        return value
+    if sharding is not None and len(sharding.device_set) > 1:
+        shape = tuple(np.shape(value))
+        return jax.make_array_from_callback(shape, sharding, lambda index: read_slice(value, index))
+    if isinstance(value, jax.Array):
         return value
     return jnp.asarray(np.asarray(value))
+
+
+def cast_floating(flat: FlatState, dtype: Any) -> FlatState:
+    """Every floating-point leaf as `dtype`, lazily (`convert(..., dtype=...)`)."""
+    target = np.dtype(dtype)
+    return {
+        path: leaf.replace(
+            value=Cast(leaf.value, target),
+            transform=f"{leaf.transform}, cast {target}".lstrip(", "),
+        )
+        if jnp.issubdtype(leaf.dtype, jnp.floating)
+        and leaf.dtype != target
+        and not leaf.is_abstract
+        else leaf
+        for path, leaf in flat.items()
+    }
 
 
 def _installed_sharding_key() -> str:

@@ -319,3 +319,26 @@ def test_multihead_attention_from_safetensors(tmp_path):
     with torch.no_grad():
         expected = wrapper.attn(x, x, x, need_weights=False)[0].numpy()
     np.testing.assert_allclose(model.attn(jnp.asarray(x.numpy())), expected, atol=1e-5)
+
+
+def test_cast_on_load_bf16_file_to_f32_model_and_back(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(4)
+    layer = torch.nn.Linear(6, 4).to(torch.bfloat16)
+    save_file(layer.state_dict(), tmp_path / "bf16.safetensors")
+    template = nnx.eval_shape(lambda: nnx.Linear(6, 4, rngs=nnx.Rngs(0)))  # float32
+    with pytest.raises(bridge.MismatchError, match="bfloat16"):
+        bridge.convert(tmp_path / "bf16.safetensors", to="nnx", template=template)
+    model = bridge.convert(
+        tmp_path / "bf16.safetensors", to="nnx", template=template, dtype="float32"
+    )
+    assert model.kernel.get_value().dtype == jnp.float32
+    np.testing.assert_array_equal(model.kernel.get_value(), layer.weight.detach().float().numpy().T)
+
+    out = bridge.save(
+        model, tmp_path / "back.safetensors", format="safetensors", dtype=jnp.bfloat16
+    )
+    back = bridge.convert(out, to="torch")
+    assert back["weight"].dtype == torch.bfloat16
+    assert torch.equal(back["weight"], layer.weight.detach())

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx import variablelib
 
+from bridge.errors import FormatError
 from bridge.graph import Context, register_conversion, register_format
 from bridge.layout import FLAX_FAMILIES, family
 from bridge.tree import (
@@ -80,6 +81,27 @@ def _template_variables(template: Any) -> dict[Path, nnx.Variable]:
     return {tuple(path): variable for path, variable in nnx.to_flat_state(template)}
 
 
+def _sharding(path: Path, like: nnx.Variable | None, ctx: Context) -> Any:
+    """Where a leaf goes: `shardings={dotted key: Sharding}` if given, else the sharding
+    the template's value carries (abstract `ShapeDtypeStruct`s from `nnx.eval_shape`
+    under a mesh, or `nnx.get_abstract_model`, carry one)."""
+    explicit = ctx.options.get("shardings") or {}
+    if dotted(path) in explicit:
+        return explicit[dotted(path)]
+    sharding = getattr(like.get_value(), "sharding", None) if like is not None else None
+    if isinstance(sharding, jax.sharding.NamedSharding) and isinstance(
+        sharding.mesh, jax.sharding.AbstractMesh
+    ):  # nnx.eval_shape under `jax.set_mesh`: the devices are those of the current mesh
+        mesh = jax.sharding.get_mesh()
+        if mesh.empty:
+            raise FormatError(
+                f"{dotted(path)}: the template is sharded over an abstract mesh; convert "
+                "under `with jax.set_mesh(mesh):`, or build it with nnx.get_abstract_model"
+            )
+        sharding = jax.sharding.NamedSharding(mesh, sharding.spec)
+    return sharding
+
+
 def _fresh_rng(leaf: Leaf, index: int, seed: int) -> Any:
     """Concrete RNG state for a placeholder: an abstract template holds no keys."""
     if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
@@ -93,7 +115,7 @@ def write_state(flat: FlatState, ctx: Context) -> nnx.State:
     seed = ctx.options.get("rng_seed", 0)
     variables = []
     for index, (path, leaf) in enumerate(flat.items()):
-        value = to_jax(leaf.value)
+        value = to_jax(leaf.value, _sharding(path, like.get(path), ctx))
         if leaf.transient and leaf.is_abstract:
             value = _fresh_rng(leaf, index, seed)
             ctx.report.notes.append(f"{dotted(path)}: RNG state created with rng_seed={seed}")
@@ -126,7 +148,7 @@ register_format(
     write=write_module,
     description="an nnx.Module (or other NNX object, e.g. nnx.Optimizer), concrete or "
     "abstract (nnx.eval_shape)",
-    options={"rng_seed"},
+    options={"rng_seed", "shardings"},
 )
 register_format(
     "nnx_state",
@@ -134,7 +156,7 @@ register_format(
     read=read_state,
     write=write_state,
     description="an nnx.State, or the nested dict of nnx.to_pure_dict",
-    options={"rng_seed"},
+    options={"rng_seed", "shardings"},
 )
 register_conversion("nnx", "nnx_state")
 register_conversion("nnx_state", "nnx", needs={"template"})

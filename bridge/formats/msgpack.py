@@ -1,0 +1,328 @@
+"""Flax msgpack: the bytes of `flax.serialization.to_bytes` / `msgpack_serialize`, or a file
+holding them (legacy Linen checkpoints).
+
+Flax's own `msgpack_restore` decodes (chunked arrays, ndarray / scalar / complex
+extension types, bfloat16, int map keys) and `msgpack_serialize` encodes, so files stay
+readable by `flax.serialization.from_bytes`. A tree whose top keys are all registered
+Linen collections is Linen variables: the collection is each leaf's kind and is not part
+of its path. Anything else (a pure NNX dict, a TrainState) keeps full paths, no kind.
+
+Keys: Flax's state dicts spell list / tuple positions as digit strings (`"0"`), and
+`msgpack_serialize` may store int keys; both are int path parts (`("layers", 0)`), as
+NNX and `tree.parse_dotted` spell them. Writing spells them as strings again, as
+`to_bytes` does: `from_bytes` compares keys as strings and accepts nothing else.
+
+Empty subtrees (`{}`, `None`, `[]`, e.g. optax's `EmptyState` in a TrainState) hold no
+array; like `jax.tree.leaves`, the flat state does not carry them (a note says which).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path as FilePath
+from typing import Any
+
+import msgpack
+import numpy as np
+from flax import serialization
+from flax.nnx import variablelib
+
+from bridge.atomic import atomic_output
+from bridge.errors import FormatError
+from bridge.graph import Context, register_conversion, register_format
+from bridge.tree import FlatState, Leaf, Path, linen_path
+
+SUFFIX = ".msgpack"
+MAP_MARKERS = frozenset(range(0x80, 0x90)) | {0xDE, 0xDF}
+"""First byte of a msgpack map (fixmap, map 16, map 32): Flax writes a state dict."""
+NATIVE = (bool, int, float, complex, str, bytes)
+"""Python values msgpack stores as themselves (a TrainState's `step` is a Python int)."""
+
+
+# Collection-first trees. Generic, not msgpack-specific: proposed for `bridge/tree.py`.
+
+
+def is_collection_first(tree: Mapping[Any, Any]) -> bool:
+    """True when every top key of a non-empty tree names a registered Linen collection
+    (Flax's registry, so custom Variable types count) and holds a subtree."""
+    return bool(tree) and all(
+        key in variablelib.VariableTypeCache and isinstance(value, Mapping)
+        for key, value in tree.items()
+    )
+
+
+def by_collection(flat: Mapping[Path, Any], where: str) -> FlatState:
+    """`{(collection, *path): value}` -> `{path: Leaf(value, kind=collection)}`; a path held
+    in two collections is refused (NNX cannot hold both under one path)."""
+    out: FlatState = {}
+    for (collection, *rest), value in flat.items():
+        path = tuple(rest)
+        if path in out:
+            raise FormatError(
+                f"{where}: {'/'.join(map(str, path))!r} is in both collections "
+                f"{out[path].kind!r} and {collection!r}; NNX cannot hold both under one path"
+            )
+        out[path] = Leaf(value, kind=str(collection))
+    return out
+
+
+# Reading.
+
+
+@dataclasses.dataclass
+class _Seen:
+    """What a walk finds besides leaves: empty subtrees, and maps that look like Flax's
+    serialization of a boxed variable (`{"value": array}`)."""
+
+    empty: list[Path] = dataclasses.field(default_factory=list)
+    boxes: list[Path] = dataclasses.field(default_factory=list)
+
+
+def _is_array(value: Any) -> bool:
+    return isinstance(value, np.ndarray | np.generic)
+
+
+def _part(key: Any, where: str, parent: Path) -> str | int:
+    """A map key as a path part: canonical digit strings and ints are positions."""
+    if type(key) is int:
+        return key
+    if type(key) is not str:
+        raise FormatError(
+            f"{where}: key {key!r} under {'/'.join(map(str, parent)) or 'the top level'} "
+            f"is a {type(key).__name__}; a path part is a string or an int"
+        )
+    canonical = key.isascii() and key.isdigit() and (key == "0" or not key.startswith("0"))
+    return int(key) if canonical else key
+
+
+def _walk(node: Any, path: Path, where: str, seen: _Seen) -> Iterator[tuple[Path, Any]]:
+    """`(path, leaf value)` of a restored tree, checking every key and value."""
+    if isinstance(node, dict | list):
+        if not node and path:
+            seen.empty.append(path)
+        if isinstance(node, dict) and node.keys() == {"value"} and _is_array(node["value"]):
+            seen.boxes.append((*path, "value"))
+        parts: dict[str | int, Any] = {}
+        for key, child in list(node.items() if isinstance(node, dict) else enumerate(node)):
+            part = _part(key, where, path)
+            if isinstance(child, np.ndarray) and not child.flags.writeable:
+                # Flax returns views into the decoded buffer, read-only: a copy behaves like
+                # any array a user may fill in place (jax copies into its own buffer anyway).
+                # It replaces the view, so the buffer is freed array by array.
+                node[key] = child = child.copy()
+            if part in parts:
+                raise FormatError(
+                    f"{where}: keys {parts[part]!r} and {key!r} under "
+                    f"{'/'.join(map(str, path)) or 'the top level'} are both position {part}"
+                )
+            parts[part] = key
+            yield from _walk(child, (*path, part), where, seen)
+    elif node is None:
+        seen.empty.append(path)
+    elif _is_array(node) or type(node) in NATIVE:
+        yield path, node
+    else:
+        described = f"extension type {node.code}" if isinstance(node, msgpack.ExtType) else None
+        raise FormatError(
+            f"{where}: {'/'.join(map(str, path))!r} holds "
+            f"{described or type(node).__name__}, which Flax msgpack does not write"
+        )
+
+
+def _restore(data: bytes | bytearray, where: str) -> Any:
+    try:
+        return serialization.msgpack_restore(data)
+    except msgpack.ExtraData as exc:
+        raise FormatError(
+            f"{where}: the msgpack map ends at offset {len(data) - len(exc.extra)}, but "
+            f"{len(exc.extra)} more bytes follow; not one Flax msgpack state"
+        ) from None
+    except (msgpack.UnpackException, ValueError, TypeError, KeyError, IndexError) as exc:
+        raise FormatError(
+            f"{where}: cannot decode {len(data)} bytes as Flax msgpack "
+            f"({type(exc).__name__}: {exc}); the data is truncated or corrupt"
+        ) from None
+
+
+def read(obj: bytes | bytearray | str | os.PathLike[str], ctx: Context) -> FlatState:
+    """Bytes or a file -> `{path: Leaf}`: every byte is decoded and checked before
+    anything is returned."""
+    if isinstance(obj, bytes | bytearray):
+        where = f"msgpack bytes ({len(obj)} bytes)"
+        tree = _restore(obj, where)  # arrays never alias `obj`: msgpack copies ext payloads
+    else:
+        file = FilePath(os.fspath(obj))
+        if not file.is_file():
+            raise FormatError(f"{file}: no such file")
+        where = str(file)
+        tree = _restore(file.read_bytes(), where)  # the file's bytes are freed once decoded
+    if not isinstance(tree, dict):
+        raise FormatError(
+            f"{where}: the top level is a {type(tree).__name__}; Flax msgpack checkpoints "
+            "hold a state dict (a map)"
+        )
+    seen = _Seen()
+    flat = dict(_walk(tree, (), where, seen))
+    if seen.empty:
+        shown = ", ".join("/".join(map(str, path)) for path in seen.empty[:5])
+        ctx.report.notes.append(
+            f"{where}: {len(seen.empty)} empty subtrees hold no array and are not carried: "
+            + shown
+            + (" ..." if len(seen.empty) > 5 else "")
+        )
+    if not is_collection_first(tree):
+        return {path: Leaf(value) for path, value in flat.items()}
+    if seen.boxes:
+        ctx.report.notes.append(
+            f"{where}: {'/'.join(map(str, seen.boxes[0]))!r} and {len(seen.boxes) - 1} more "
+            "look like boxed variables (nn.Partitioned) as flax.serialization writes them; "
+            r"pass rules=[(r'\.value$', '')] to read them without '/value'"
+        )
+    return by_collection(flat, where)
+
+
+# Writing.
+
+
+@functools.cache
+def _restorable(dtype: np.dtype) -> bool:
+    """Whether Flax restores arrays of `dtype` as that dtype, asked of Flax itself."""
+    try:
+        probe = serialization.msgpack_serialize({"x": np.zeros(0, dtype)})
+        return serialization.msgpack_restore(probe)["x"].dtype == dtype
+    except (TypeError, ValueError):
+        return False
+
+
+def _value(key: str, leaf: Leaf) -> Any:
+    """What msgpack stores for a leaf: native values as they are, everything else as a
+    numpy array in native byte order (Flax records the dtype's name, not its order)."""
+    if leaf.is_abstract:
+        raise FormatError(f"{key!r} is abstract ({leaf.value}); it has no data to write")
+    value = leaf.value
+    if type(value) in NATIVE:
+        return value
+    if not isinstance(value, np.generic):
+        try:
+            value = np.asarray(value)
+        except FormatError:  # a lazy source that is itself corrupt says so best
+            raise
+        except (TypeError, ValueError) as exc:
+            raise FormatError(
+                f"{key!r}: cannot make an array of {type(value).__name__}: {exc}"
+            ) from exc
+        if not value.dtype.isnative:
+            value = value.astype(value.dtype.newbyteorder("="))
+    if not _restorable(value.dtype):
+        raise FormatError(f"{key!r}: flax.serialization cannot restore dtype {value.dtype}")
+    return value
+
+
+def _key(path: Path, leaf: Leaf) -> tuple[str, ...]:
+    """Kinds are written collection-first with Linen names (`layers_0`), so the file is
+    Linen variables; kind-less leaves keep their path, positions spelled as strings."""
+    if leaf.kind:
+        return (leaf.kind, *linen_path(path))
+    return tuple(str(part) for part in path)
+
+
+def _nest(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = tree
+        for depth, part in enumerate(key[:-1]):
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise FormatError(
+                    f"{'/'.join(key[: depth + 1])!r} is both a leaf and the parent of "
+                    f"{'/'.join(key)!r}; a msgpack map cannot hold both"
+                )
+        if key[-1] in node:
+            raise FormatError(
+                f"{'/'.join(key)!r} is both a leaf and the parent of other leaves; "
+                "a msgpack map cannot hold both"
+            )
+        node[key[-1]] = value
+    return tree
+
+
+def _serialize(flat: FlatState, ctx: Context) -> bytes:
+    values: dict[tuple[str, ...], Any] = {}
+    for path, leaf in flat.items():
+        key = _key(path, leaf)
+        if not key:
+            raise FormatError("a leaf with an empty path has no key in a msgpack map")
+        if key in values:
+            raise FormatError(
+                f"two leaves map to msgpack key {'/'.join(key)!r}; rename one with rules=..."
+            )
+        values[key] = _value("/".join(key), leaf)
+    if with_metadata := sum(bool(leaf.metadata) for leaf in flat.values()):
+        ctx.report.notes.append(
+            f"{with_metadata} leaves written without their Variable metadata (partitioning, "
+            "...): Flax msgpack holds arrays only"
+        )
+    return serialization.msgpack_serialize(_nest(values), in_place=True)
+
+
+def write(flat: FlatState, ctx: Context) -> bytes | FilePath:
+    """The msgpack bytes; with `path=...`, a file written atomically instead (an existing
+    one only with `overwrite=True`), and its path returned."""
+    if ctx.options.get("path") is None:
+        return _serialize(flat, ctx)
+    target = FilePath(os.fspath(ctx.options["path"]))
+    with atomic_output(target, overwrite=bool(ctx.options.get("overwrite"))) as temp:
+        temp.write_bytes(_serialize(flat, ctx))
+    return target
+
+
+def drop_transient(flat: FlatState, ctx: Context) -> FlatState:
+    """The lossy step into msgpack: RNG keys are no arrays Flax can store; the way back
+    re-creates them from the template."""
+    ctx.report.dropped.extend(leaf.source for leaf in flat.values() if leaf.transient)
+    return {path: leaf for path, leaf in flat.items() if not leaf.transient}
+
+
+def spell(path: Path, leaf: Leaf) -> str:
+    return "/".join(_key(path, leaf))
+
+
+def detect(obj: Any) -> float:
+    """Sure for an existing `.msgpack` file, nearly so for bytes that open a msgpack map;
+    never raises. Other files are read with `source="msgpack"`."""
+    if isinstance(obj, bytes | bytearray):
+        return 0.9 if obj[:1] and obj[0] in MAP_MARKERS else 0.0
+    if not isinstance(obj, str | os.PathLike):
+        return 0.0
+    try:
+        path = FilePath(os.fspath(obj))
+        return 1.0 if path.suffix == SUFFIX and path.is_file() else 0.0
+    except (OSError, TypeError, ValueError):
+        return 0.0
+
+
+register_format(
+    "msgpack",
+    detect=detect,
+    read=read,
+    write=write,
+    description="Flax msgpack (flax.serialization.to_bytes): bytes, or a .msgpack file",
+    spell=spell,
+    options={"path", "overwrite"},
+)
+register_conversion("msgpack", "linen", cost=1.0)
+register_conversion(
+    "linen", "msgpack", cost=1.0, lossy=True, loses="Variable metadata (partitioning)"
+)
+register_conversion("msgpack", "nnx_state", cost=1.0)
+register_conversion(
+    "nnx_state",
+    "msgpack",
+    cost=1.0,
+    lossy=True,
+    loses="Variable metadata (partitioning), NNX RNG state",
+    transform=drop_transient,
+)

@@ -1,0 +1,76 @@
+"""Run in a process of its own with 8 CPU devices (see test_sharded.py): loads a torch
+state_dict saved as safetensors into an NNX model sharded over a 2x4 mesh and checks
+that each device holds the right slice, and that the file was read slice by slice."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import jax
+import numpy as np
+from flax import nnx
+from safetensors.numpy import save_file
+
+import bridge
+from bridge.formats import safetensors as safetensors_format
+
+SHARDED = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("b", "a"))
+
+
+class Model(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs) -> None:
+        self.up = nnx.Linear(16, 8, kernel_init=SHARDED, rngs=rngs)
+        self.embed = nnx.Embed(
+            32,
+            16,
+            embedding_init=nnx.with_partitioning(nnx.initializers.normal(), ("a", None)),
+            rngs=rngs,
+        )
+
+
+def main(directory: str) -> None:
+    assert jax.device_count() == 8, jax.devices()
+    rng = np.random.default_rng(0)
+    state = {
+        "up.weight": rng.normal(size=(8, 16)).astype(np.float32),  # torch Linear: (out, in)
+        "up.bias": rng.normal(size=8).astype(np.float32),
+        "embed.weight": rng.normal(size=(32, 16)).astype(np.float32),
+    }
+    path = os.path.join(directory, "model.safetensors")
+    save_file(state, path)
+
+    reads: list[tuple[str, object]] = []
+    original_read = safetensors_format.SafetensorsArray.read
+
+    def counting_read(self, index=...):
+        reads.append((self.key, index))
+        return original_read(self, index)
+
+    safetensors_format.SafetensorsArray.read = counting_read
+    mesh = jax.make_mesh((2, 4), ("a", "b"))
+    graphdef, abstract_state = nnx.get_abstract_model(lambda: Model(nnx.Rngs(0)), mesh)
+    template = nnx.merge(graphdef, abstract_state)
+    model = bridge.convert(path, to="nnx", template=template)
+
+    kernel = model.up.kernel.get_value()
+    assert kernel.sharding.spec == jax.P("b", "a"), kernel.sharding
+    expected = state["up.weight"].T
+    for shard in kernel.addressable_shards:
+        np.testing.assert_array_equal(np.asarray(shard.data), expected[shard.index])
+        assert shard.data.shape == (4, 4)  # (16 / b=4, 8 / a=2)
+    embedding = model.embed.embedding.get_value()
+    for shard in embedding.addressable_shards:
+        np.testing.assert_array_equal(np.asarray(shard.data), state["embed.weight"][shard.index])
+    np.testing.assert_array_equal(np.asarray(kernel), expected)
+
+    weight_reads = [index for key, index in reads if key == "up.weight"]
+    assert weight_reads and all(index is not Ellipsis for index in weight_reads), weight_reads
+    # the transposed kernel is read through the permuted index: (out, in) slices of 4 x 4
+    sizes = {tuple(part.stop - part.start for part in index) for index in weight_reads}
+    assert sizes == {(4, 4)}, weight_reads
+    print("sharded load ok:", len(weight_reads), "slice reads of up.weight")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
