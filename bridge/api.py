@@ -55,7 +55,7 @@ def _run(
     hops = GRAPH.route(src, to, ctx.satisfies())
     src_format, dst_format = GRAPH.format(src), GRAPH.format(to)
     known = frozenset().union(
-        {"dtype"}, src_format.options, *(GRAPH.format(e.dst).options for e in hops)
+        {"dtype", "progress"}, src_format.options, *(GRAPH.format(e.dst).options for e in hops)
     )
     if unknown := sorted(set(options) - known):
         raise TypeError(

@@ -128,3 +128,14 @@ def test_a_user_format_registers_in_a_few_lines_and_convert_routes_through_it():
     np.testing.assert_array_equal(variables["params"]["kernel"], linear.kernel.get_value())
     back = bridge.convert(exported, to="nnx", template=nnx.Linear(2, 3, rngs=nnx.Rngs(1)))
     np.testing.assert_array_equal(back(jnp.ones((1, 2))), linear(jnp.ones((1, 2))))
+
+
+def test_progress_bar_counts_bytes_and_is_off_when_not_a_terminal(capsys):
+    model = make_nnx_net()
+    bridge.convert(model, to="linen")  # stderr is captured here: not a terminal
+    assert capsys.readouterr().err == ""
+    bridge.convert(model, to="linen", progress=True)
+    bar = capsys.readouterr().err
+    total = bridge.plan(model, to="linen").nbytes
+    final = bar.rstrip().rsplit("\r", 1)[-1]
+    assert final.startswith("loading: 100%") and f"{total}/{total}" in final, final

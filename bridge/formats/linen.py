@@ -18,6 +18,7 @@ from flax.nnx.bridge.variables import NNXMeta
 
 from bridge.errors import FormatError
 from bridge.graph import Context, register_conversion, register_format
+from bridge.progress import track
 from bridge.tree import (
     MESH,
     SHARDING,
@@ -83,7 +84,7 @@ def write_linen(flat: FlatState, ctx: Context) -> dict[str, Any]:
     boxed = ctx.options.get("boxed", False)
     out: dict[tuple[str, ...], Any] = {}
     unboxed_metadata = 0
-    for path, leaf in flat.items():
+    for path, leaf in track(flat, ctx, "loading"):
         key = (leaf.kind or "params", *linen_path(path))
         if key in out:
             raise FormatError(

@@ -18,6 +18,7 @@ from flax.nnx import variablelib
 from bridge.errors import FormatError
 from bridge.graph import Context, register_conversion, register_format
 from bridge.layout import FLAX_FAMILIES, family
+from bridge.progress import track
 from bridge.tree import (
     FlatState,
     Leaf,
@@ -114,7 +115,7 @@ def write_state(flat: FlatState, ctx: Context) -> nnx.State:
     like = _template_variables(ctx.template)
     seed = ctx.options.get("rng_seed", 0)
     variables = []
-    for index, (path, leaf) in enumerate(flat.items()):
+    for index, (path, leaf) in enumerate(track(flat, ctx, "loading")):
         value = to_jax(leaf.value, _sharding(path, like.get(path), ctx))
         if leaf.transient and leaf.is_abstract:
             value = _fresh_rng(leaf, index, seed)

@@ -24,6 +24,7 @@ import numpy as np
 from bridge.errors import FormatError
 from bridge.graph import Context, register_conversion, register_format
 from bridge.layout import TORCH_FAMILIES, family, to_flax, to_torch
+from bridge.progress import track
 from bridge.tree import FlatState, Leaf, dotted, parse_dotted
 
 SUFFIXES = (".pt", ".bin", ".pth")
@@ -161,7 +162,7 @@ def write(flat: FlatState, ctx: Context) -> dict[str, Any]:
     """A state_dict; leaves that share one array (tied weights) share one tensor."""
     tensors: dict[int, Any] = {}
     state = {}
-    for path, leaf in flat.items():
+    for path, leaf in track(flat, ctx, "converting"):
         if id(leaf.value) not in tensors:
             tensors[id(leaf.value)] = from_numpy(np.asarray(leaf.value))
         state[dotted(path)] = tensors[id(leaf.value)]
