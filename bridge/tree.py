@@ -17,6 +17,8 @@ import numpy as np
 from flax import traverse_util
 from flax.core import meta
 
+from bridge.errors import FormatError
+
 Path = tuple[str | int, ...]
 
 SHARDING = "out_sharding"
@@ -303,3 +305,18 @@ def flatten_mapping(tree: Mapping[Any, Any]) -> dict[tuple[Any, ...], Any]:
 
 def unflatten_mapping(flat: Mapping[tuple[Any, ...], Any]) -> dict[Any, Any]:
     return traverse_util.unflatten_dict(dict(flat))
+
+
+def by_collection(flat: Mapping[Path, Any], where: str) -> FlatState:
+    """`{(collection, *path): value}` -> `{path: Leaf(value, kind=collection)}`; a path held
+    in two collections is refused (NNX cannot hold both under one path)."""
+    out: FlatState = {}
+    for (collection, *rest), value in flat.items():
+        path = tuple(rest)
+        if path in out:
+            raise FormatError(
+                f"{where}: {'/'.join(map(str, path))!r} is in both collections "
+                f"{out[path].kind!r} and {collection!r}; NNX cannot hold both under one path"
+            )
+        out[path] = Leaf(value, kind=str(collection))
+    return out

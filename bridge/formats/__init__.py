@@ -6,9 +6,10 @@ The order matters: an adapter registers edges to formats registered before it.
 # isort: off
 from bridge.formats import nnx
 from bridge.formats import linen
+from bridge.formats import msgpack
 from bridge.formats import torch
 from bridge.formats import safetensors
 
 # isort: on
 
-__all__ = ["linen", "nnx", "safetensors", "torch"]
+__all__ = ["linen", "msgpack", "nnx", "safetensors", "torch"]

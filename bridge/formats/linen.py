@@ -26,6 +26,7 @@ from bridge.tree import (
     FlatState,
     Leaf,
     Path,
+    by_collection,
     flatten_mapping,
     flax_metadata,
     linen_path,
@@ -67,17 +68,12 @@ def _box(leaf: Leaf) -> Any:
 
 
 def read_linen(variables: Mapping[str, Any], ctx: Context) -> FlatState:
-    flat: FlatState = {}
-    for (collection, *rest), box in flatten_mapping(variables).items():
-        path = tuple(rest)
-        if path in flat:
-            raise FormatError(
-                f"Linen variables hold {'/'.join(map(str, path))!r} in both "
-                f"{flat[path].kind!r} and {collection!r}; NNX cannot hold both under one path"
-            )
-        value, metadata = _unbox(box)
-        flat[path] = Leaf(value, kind=collection, metadata=normalize_metadata(metadata))
-    return flat
+    flat = by_collection(flatten_mapping(variables), "Linen variables")
+    out: FlatState = {}
+    for path, leaf in flat.items():
+        value, metadata = _unbox(leaf.value)
+        out[path] = leaf.replace(value=value, metadata=normalize_metadata(metadata))
+    return out
 
 
 def write_linen(flat: FlatState, ctx: Context) -> dict[str, Any]:

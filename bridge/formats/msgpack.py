@@ -33,16 +33,13 @@ from flax.nnx import variablelib
 from bridge.atomic import atomic_output
 from bridge.errors import FormatError
 from bridge.graph import Context, register_conversion, register_format
-from bridge.tree import FlatState, Leaf, Path, linen_path
+from bridge.tree import FlatState, Leaf, Path, by_collection, linen_path
 
 SUFFIX = ".msgpack"
 MAP_MARKERS = frozenset(range(0x80, 0x90)) | {0xDE, 0xDF}
 """First byte of a msgpack map (fixmap, map 16, map 32): Flax writes a state dict."""
 NATIVE = (bool, int, float, complex, str, bytes)
 """Python values msgpack stores as themselves (a TrainState's `step` is a Python int)."""
-
-
-# Collection-first trees. Generic, not msgpack-specific: proposed for `bridge/tree.py`.
 
 
 def is_collection_first(tree: Mapping[Any, Any]) -> bool:
@@ -52,21 +49,6 @@ def is_collection_first(tree: Mapping[Any, Any]) -> bool:
         key in variablelib.VariableTypeCache and isinstance(value, Mapping)
         for key, value in tree.items()
     )
-
-
-def by_collection(flat: Mapping[Path, Any], where: str) -> FlatState:
-    """`{(collection, *path): value}` -> `{path: Leaf(value, kind=collection)}`; a path held
-    in two collections is refused (NNX cannot hold both under one path)."""
-    out: FlatState = {}
-    for (collection, *rest), value in flat.items():
-        path = tuple(rest)
-        if path in out:
-            raise FormatError(
-                f"{where}: {'/'.join(map(str, path))!r} is in both collections "
-                f"{out[path].kind!r} and {collection!r}; NNX cannot hold both under one path"
-            )
-        out[path] = Leaf(value, kind=str(collection))
-    return out
 
 
 # Reading.
@@ -161,8 +143,8 @@ def read(obj: bytes | bytearray | str | os.PathLike[str], ctx: Context) -> FlatS
         tree = _restore(file.read_bytes(), where)  # the file's bytes are freed once decoded
     if not isinstance(tree, dict):
         raise FormatError(
-            f"{where}: the top level is a {type(tree).__name__}; Flax msgpack checkpoints "
-            "hold a state dict (a map)"
+            f"{where}: the top level is of type {type(tree).__name__}; Flax msgpack "
+            "checkpoints hold a state dict (a map)"
         )
     seen = _Seen()
     flat = dict(_walk(tree, (), where, seen))

@@ -1,0 +1,448 @@
+"""Load and export speed and memory of bridge against the common recipes and the floor.
+
+    python benchmarks/bench_load.py [--size-gb 1.0] [--dtypes float32 bfloat16] [--record]
+
+Generates a synthetic Llama-style checkpoint (HF names, safetensors, torch layout), then
+measures each method in a fresh process (so nothing is cached or shared between them):
+
+  (a) bridge:  bridge.convert(file, to="nnx", template=abstract model)
+  (b) eager:   build the model with random init, then assign each tensor of load_file
+  (c) abstract: nnx.eval_shape, safetensors load_file, assign each tensor
+  (d) floor:   read every tensor with safetensors and apply the same layout transform
+              (numpy and jax both tried; the faster counts), keeping the results
+  export:      bridge.save(model, file, format="safetensors") vs save_file of the
+              same arrays laid out for torch
+
+Memory is the peak of anonymous resident memory (RssAnon, sampled every 2 ms) above the
+process's baseline once jax is imported and the template is built: ru_maxrss would also
+count the checkpoint's mmap'd file pages, which the kernel can reclaim. Ratios are to
+(d) from the same run. `--record` writes benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).parent
+VOCAB, HIDDEN, INTERMEDIATE = 32000, 1024, 2816
+PROJECTIONS = {
+    "self_attn": {
+        "q_proj": (HIDDEN, HIDDEN),
+        "k_proj": (HIDDEN, HIDDEN),
+        "v_proj": (HIDDEN, HIDDEN),
+        "o_proj": (HIDDEN, HIDDEN),
+    },
+    "mlp": {
+        "gate_proj": (HIDDEN, INTERMEDIATE),
+        "up_proj": (HIDDEN, INTERMEDIATE),
+        "down_proj": (INTERMEDIATE, HIDDEN),
+    },
+}
+
+
+def layer_count(size_gb: float, itemsize: int) -> int:
+    """Layers for a checkpoint of about `size_gb` (embedding and head included)."""
+    per_layer = sum(i * o for block in PROJECTIONS.values() for i, o in block.values())
+    fixed = 2 * VOCAB * HIDDEN
+    return max(1, round((size_gb * 1e9 / itemsize - fixed) / per_layer))
+
+
+def build_model(layers: int, dtype: str, rngs):
+    """A Llama-shaped NNX model (parameters only) with HF's attribute names."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    param_dtype = jnp.dtype(dtype)
+
+    class Block(nnx.Module):
+        def __init__(self, projections: dict, rngs: nnx.Rngs) -> None:
+            for name, (i, o) in projections.items():
+                setattr(
+                    self, name, nnx.Linear(i, o, use_bias=False, param_dtype=param_dtype, rngs=rngs)
+                )
+
+    class Layer(nnx.Module):
+        def __init__(self, rngs: nnx.Rngs) -> None:
+            self.self_attn = Block(PROJECTIONS["self_attn"], rngs)
+            self.mlp = Block(PROJECTIONS["mlp"], rngs)
+            self.input_layernorm = nnx.RMSNorm(HIDDEN, param_dtype=param_dtype, rngs=rngs)
+            self.post_attention_layernorm = nnx.RMSNorm(HIDDEN, param_dtype=param_dtype, rngs=rngs)
+
+    class Decoder(nnx.Module):
+        def __init__(self, rngs: nnx.Rngs) -> None:
+            self.embed_tokens = nnx.Embed(VOCAB, HIDDEN, param_dtype=param_dtype, rngs=rngs)
+            self.layers = nnx.List([Layer(rngs) for _ in range(layers)])
+            self.norm = nnx.RMSNorm(HIDDEN, param_dtype=param_dtype, rngs=rngs)
+
+    class Llama(nnx.Module):
+        def __init__(self, rngs: nnx.Rngs) -> None:
+            self.model = Decoder(rngs)
+            self.lm_head = nnx.Linear(
+                HIDDEN, VOCAB, use_bias=False, param_dtype=param_dtype, rngs=rngs
+            )
+
+    return Llama(rngs)
+
+
+def generate(path: Path, layers: int, dtype: str) -> int:
+    """Write the checkpoint tensor by tensor (torch layout); returns its bytes."""
+    import ml_dtypes
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
+    tensors = {
+        "model.embed_tokens.weight": (VOCAB, HIDDEN),
+        "lm_head.weight": (VOCAB, HIDDEN),
+        "model.norm.weight": (HIDDEN,),
+    }
+    for index in range(layers):
+        prefix = f"model.layers.{index}"
+        for block, projections in PROJECTIONS.items():
+            for name, (i, o) in projections.items():
+                tensors[f"{prefix}.{block}.{name}.weight"] = (o, i)
+        tensors[f"{prefix}.input_layernorm.weight"] = (HIDDEN,)
+        tensors[f"{prefix}.post_attention_layernorm.weight"] = (HIDDEN,)
+    arrays = {
+        key: rng.standard_normal(shape, np.float32).astype(np_dtype)
+        for key, shape in tensors.items()
+    }
+    save_file(arrays, path, metadata={"format": "pt"})
+    return path.stat().st_size
+
+
+# --- measuring one method in this process ------------------------------------------------
+
+
+class AnonPeak:
+    """Samples RssAnon (anonymous resident memory, from /proc) in a thread."""
+
+    def __init__(self) -> None:
+        self.base = self.peak = rss_anon()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, rss_anon())
+
+    def __enter__(self) -> AnonPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_anon())
+
+
+def rss_anon() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no RssAnon in /proc/self/status")
+
+
+def kernel_paths(model) -> set[str]:
+    from flax import nnx
+
+    return {
+        ".".join(map(str, path))
+        for path, _ in nnx.to_flat_state(nnx.state(model))
+        if path[-1] == "kernel"
+    }
+
+
+def torch_key(path: str) -> str:
+    return path.rsplit(".", 1)[0] + ".weight"
+
+
+def assign(model, path: str, value) -> None:
+    """Set the Variable at dotted `path` (the per-key loop users write by hand)."""
+    node = model
+    *parents, leaf = path.split(".")
+    for part in parents:
+        node = node[int(part)] if part.isdigit() else getattr(node, part)
+    getattr(node, leaf).set_value(value)
+
+
+def flax_name(key: str, kernels: set[str]) -> tuple[str, bool]:
+    """torch key -> (NNX dotted path, transpose?) for this model's HF names."""
+    stem = key.rsplit(".", 1)[0]
+    if f"{stem}.kernel" in kernels:
+        return f"{stem}.kernel", True
+    if stem.endswith("embed_tokens"):
+        return f"{stem}.embedding", False
+    return f"{stem}.scale", False
+
+
+def method_bridge(path: Path, template, layers: int, dtype: str):
+    import bridge
+
+    return bridge.convert(path, to="nnx", template=template, progress=False)
+
+
+def method_eager(path: Path, template, layers: int, dtype: str):
+    import jax.numpy as jnp
+    from flax import nnx
+    from safetensors.flax import load_file
+
+    model = build_model(layers, dtype, nnx.Rngs(0))
+    kernels = kernel_paths(model)
+    for key, value in load_file(path).items():
+        name, transpose = flax_name(key, kernels)
+        assign(model, name, jnp.asarray(value.T if transpose else value))
+    return model
+
+
+def method_abstract(path: Path, template, layers: int, dtype: str):
+    import jax.numpy as jnp
+    from safetensors.flax import load_file
+
+    kernels = kernel_paths(template)
+    for key, value in load_file(path).items():
+        name, transpose = flax_name(key, kernels)
+        assign(template, name, jnp.asarray(value.T if transpose else value))
+    return template
+
+
+def method_floor_numpy(path: Path, template, layers: int, dtype: str):
+    """Read each tensor with safetensors' numpy reader, transpose with numpy, put it on
+    the device. (safetensors' numpy reader has no bfloat16: float32 only.)"""
+    import jax.numpy as jnp
+    from safetensors import safe_open
+
+    kernels = kernel_paths(template)
+    out = []
+    with safe_open(path, framework="numpy") as file:
+        for key in file.keys():  # noqa: SIM118 (safe_open is not a mapping)
+            _, transpose = flax_name(key, kernels)
+            array = file.get_tensor(key)
+            out.append(jnp.asarray(array.T if transpose else array))
+    return out
+
+
+def method_floor_jax(path: Path, template, layers: int, dtype: str):
+    """Read each tensor with safetensors' jax reader, transpose with jax."""
+    from safetensors import safe_open
+
+    kernels = kernel_paths(template)
+    out = []
+    with safe_open(path, framework="flax") as file:
+        for key in file.keys():  # noqa: SIM118 (safe_open is not a mapping)
+            _, transpose = flax_name(key, kernels)
+            array = file.get_tensor(key)
+            out.append(array.T.copy() if transpose else array)
+    for array in out:
+        array.block_until_ready()
+    return out
+
+
+def method_export_bridge(path: Path, template, layers: int, dtype: str):
+    import bridge
+
+    model = bridge.convert(path, to="nnx", template=template, progress=False)
+    out = path.with_name("export-bridge.safetensors")
+    start = time.perf_counter()
+    with AnonPeak() as memory:
+        bridge.save(model, out, format="safetensors", overwrite=True, progress=False)
+    return time.perf_counter() - start, memory
+
+
+def method_export_save_file(path: Path, template, layers: int, dtype: str):
+    from flax import nnx
+    from safetensors.numpy import save_file
+
+    import bridge
+
+    model = bridge.convert(path, to="nnx", template=template, progress=False)
+    kernels = kernel_paths(model)
+    out = path.with_name("export-save-file.safetensors")
+    start = time.perf_counter()
+    with AnonPeak() as memory:
+        arrays = {}
+        for parts, variable in nnx.to_flat_state(nnx.state(model)):
+            name = ".".join(map(str, parts))
+            array = np.asarray(variable.get_value())
+            arrays[torch_key(name)] = np.ascontiguousarray(array.T) if name in kernels else array
+        save_file(arrays, out, metadata={"format": "pt"})
+    return time.perf_counter() - start, memory
+
+
+METHODS = {
+    "bridge": method_bridge,
+    "eager": method_eager,
+    "abstract": method_abstract,
+    "floor_numpy": method_floor_numpy,
+    "floor_jax": method_floor_jax,
+    "export_bridge": method_export_bridge,
+    "export_save_file": method_export_save_file,
+}
+
+
+def run_one(method: str, path: Path, layers: int, dtype: str) -> dict:
+    """Measure one method in this (fresh) process; prints a JSON line."""
+    import jax
+    from flax import nnx
+
+    jax.numpy.zeros(()).block_until_ready()
+    template = nnx.eval_shape(lambda: build_model(layers, dtype, nnx.Rngs(0)))
+    if method.startswith("export"):
+        seconds, memory = METHODS[method](path, template, layers, dtype)
+    else:
+        start = time.perf_counter()
+        with AnonPeak() as memory:
+            result = METHODS[method](path, template, layers, dtype)
+            jax.block_until_ready(
+                jax.tree.leaves(nnx.state(result)) if isinstance(result, nnx.Module) else result
+            )
+        seconds = time.perf_counter() - start
+    return {"method": method, "seconds": seconds, "growth": memory.peak - memory.base}
+
+
+# --- the driver ----------------------------------------------------------------------------
+
+LABELS = {
+    "bridge": "(a) bridge.convert",
+    "eager": "(b) eager init + assign",
+    "abstract": "(c) eval_shape + load_file + assign",
+    "floor_numpy": "(d) floor, numpy",
+    "floor_jax": "(d) floor, jax",
+}
+
+
+def memcpy_bandwidth() -> float:
+    """Bytes per second of one large numpy copy, the best of three."""
+    source = np.ones(256 * 2**20 // 8)
+    target = np.empty_like(source)
+    best = min(_timed(np.copyto, target, source) for _ in range(3))
+    return source.nbytes / best
+
+
+def _timed(fn, *args) -> float:
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
+
+
+def measure(method: str, path: Path, layers: int, dtype: str) -> dict | None:
+    """One method in a fresh process; None where it does not apply (numpy and bf16)."""
+    if method == "floor_numpy" and dtype == "bfloat16":
+        return None
+    command = [
+        sys.executable,
+        __file__,
+        "--run",
+        method,
+        "--path",
+        str(path),
+        "--layers",
+        str(layers),
+        "--dtype",
+        dtype,
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def table(results: dict[str, dict], size: int, bandwidth: float) -> list[str]:
+    floor = min(
+        (results[m] for m in ("floor_numpy", "floor_jax") if results.get(m)),
+        key=lambda r: r["seconds"],
+    )
+    lines = [
+        "| method | wall s | x floor | peak RssAnon growth | x checkpoint |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for method, label in LABELS.items():
+        result = results.get(method)
+        if result is None:
+            continue
+        lines.append(
+            f"| {label} | {result['seconds']:.2f} | "
+            f"{result['seconds'] / floor['seconds']:.2f} | "
+            f"{result['growth'] / 2**20:,.0f} MiB | {result['growth'] / size:.2f} |"
+        )
+    export, baseline = results["export_bridge"], results["export_save_file"]
+    lines.append(
+        f"| export: bridge.save | {export['seconds']:.2f} | "
+        f"{export['seconds'] / baseline['seconds']:.2f} x save_file | "
+        f"{export['growth'] / 2**20:,.0f} MiB | {export['growth'] / size:.2f} |"
+    )
+    lines.append(
+        f"| export: save_file (same arrays, torch layout) | {baseline['seconds']:.2f} | "
+        f"1.00 x save_file | {baseline['growth'] / 2**20:,.0f} MiB | "
+        f"{baseline['growth'] / size:.2f} |"
+    )
+    lines.append(
+        f"\nCheckpoint {size / 1e9:.2f} GB; memcpy {bandwidth / 1e9:.1f} GB/s, so "
+        f"copying its bytes once takes {size / bandwidth:.2f} s."
+    )
+    return lines
+
+
+def machine() -> str:
+    import flax
+    import jax
+    import safetensors
+
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (
+        f"{platform.machine()}, {os.cpu_count()} cores, {memory:.0f} GiB; Python "
+        f"{platform.python_version()}, jax {jax.__version__}, flax {flax.__version__}, "
+        f"safetensors {safetensors.__version__}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size-gb", type=float, default=1.0)
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--record", action="store_true", help="write benchmarks/RESULTS.md")
+    parser.add_argument("--run", help=argparse.SUPPRESS)
+    parser.add_argument("--path", help=argparse.SUPPRESS)
+    parser.add_argument("--layers", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.run:
+        print(json.dumps(run_one(args.run, Path(args.path), args.layers, args.dtype)))
+        return
+
+    report = [
+        f"Machine: {machine()}",
+        "",
+        f"Command: `python benchmarks/bench_load.py --size-gb {args.size_gb}`",
+        "",
+    ]
+    bandwidth = memcpy_bandwidth()
+    for dtype in args.dtypes:
+        itemsize = 2 if dtype == "bfloat16" else 4
+        layers = layer_count(args.size_gb, itemsize)
+        with tempfile.TemporaryDirectory() as workdir:
+            path = Path(workdir) / "model.safetensors"
+            size = generate(path, layers, dtype)
+            results = {}
+            for method in args.methods:
+                results[method] = measure(method, path, layers, dtype)
+                print(f"{dtype} {method}: {results[method]}", file=sys.stderr, flush=True)
+        report += [f"### {dtype}, {layers} layers", "", *table(results, size, bandwidth), ""]
+    print("\n".join(report))
+    if args.record:
+        (HERE / "RESULTS.md").write_text("# Benchmark results\n\n" + "\n".join(report))
+
+
+if __name__ == "__main__":
+    main()
