@@ -46,8 +46,10 @@ def _run(
     rules: Sequence[Rule] | None,
     strict: bool,
     options: dict[str, Any],
+    dry: bool = False,
 ) -> tuple[str, list[Edge], FlatState, Context]:
-    """Everything `convert` does but writing the target: no array is touched."""
+    """Everything `convert` does but writing the target; `dry` reads no array data
+    (the source's `inspect` where it has one), for plans."""
     src = source or GRAPH.detect(obj)
     ctx = Context(template, list(rules) if rules else None, strict, options)
     ctx.source = src
@@ -63,9 +65,10 @@ def _run(
         )
     if template is not None:
         ctx.template_flat = GRAPH.format(GRAPH.detect(template)).read(template, ctx)
+    read = (src_format.inspect or src_format.read) if dry else src_format.read
     flat = {
         path: leaf.replace(source=src_format.spell(path, leaf))
-        for path, leaf in src_format.read(obj, ctx).items()
+        for path, leaf in read(obj, ctx).items()
     }
     flat = apply_rules(flat, ctx.rules, ctx.report)
     for edge in hops:
@@ -191,7 +194,7 @@ def plan(
     **options: Any,
 ) -> Plan:
     """The route and per-leaf table `convert` would use, without moving any data."""
-    src, hops, flat, ctx = _run(obj, to, source, template, rules, strict, options)
+    src, hops, flat, ctx = _run(obj, to, source, template, rules, strict, options, dry=True)
     spell = GRAPH.format(to).spell
     rows = [
         PlanRow(

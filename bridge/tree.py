@@ -42,6 +42,11 @@ class LazyArray:
     def read(self, index: Any = ...) -> np.ndarray:
         raise NotImplementedError
 
+    def view(self, index: Any = ...) -> np.ndarray:
+        """Like `read`, but may return memory the array does not own (a file's map),
+        valid only while the source is unchanged: for copying straight to a device."""
+        return self.read(index)
+
     def __getitem__(self, index: Any) -> np.ndarray:
         return self.read(index)
 
@@ -87,13 +92,17 @@ class Transposed(LazyArray):
         return self.source.dtype
 
     def read(self, index: Any = ...) -> np.ndarray:
-        if index is Ellipsis or index == ():
-            return np.asarray(self.source).transpose(self.axes)
-        index = tuple(index) + (slice(None),) * (len(self.axes) - len(tuple(index)))
-        source_index = [slice(None)] * len(self.axes)
-        for position, axis in enumerate(self.axes):
-            source_index[axis] = index[position]
-        return np.asarray(read_slice(self.source, tuple(source_index))).transpose(self.axes)
+        return np.array(self.view(index))
+
+    def view(self, index: Any = ...) -> np.ndarray:
+        source_index: Any = ...
+        if index is not Ellipsis and index != ():
+            index = tuple(index) + (slice(None),) * (len(self.axes) - len(tuple(index)))
+            source_index = [slice(None)] * len(self.axes)
+            for position, axis in enumerate(self.axes):
+                source_index[axis] = index[position]
+            source_index = tuple(source_index)
+        return np.asarray(read_slice(self.source, source_index, view=True)).transpose(self.axes)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -111,10 +120,11 @@ class Cast(LazyArray):
         return np.asarray(read_slice(self.source, index)).astype(self.dtype)
 
 
-def read_slice(value: Any, index: Any = ...) -> Any:
-    """`value[index]`, reading only that slice where `value` is lazy."""
+def read_slice(value: Any, index: Any = ..., *, view: bool = False) -> Any:
+    """`value[index]`, reading only that slice where `value` is lazy; with `view=True`
+    possibly memory it does not own (see `LazyArray.view`)."""
     if isinstance(value, LazyArray):
-        return value.read(index)
+        return value.view(index) if view else value.read(index)
     return np.asarray(value)[index] if index is not Ellipsis else np.asarray(value)
 
 
@@ -221,10 +231,12 @@ def to_jax(value: Any, sharding: jax.sharding.Sharding | None = None) -> Any:
         return value
     if sharding is not None and len(sharding.device_set) > 1:
         shape = tuple(np.shape(value))
-        return jax.make_array_from_callback(shape, sharding, lambda index: read_slice(value, index))
+        return jax.make_array_from_callback(
+            shape, sharding, lambda index: read_slice(value, index, view=True)
+        )
     if isinstance(value, jax.Array):
         return value
-    return jnp.asarray(np.asarray(value))
+    return jnp.array(read_slice(value, view=True), copy=True)  # jax copies into its buffer
 
 
 def cast_floating(flat: FlatState, dtype: Any) -> FlatState:

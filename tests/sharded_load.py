@@ -41,13 +41,13 @@ def main(directory: str) -> None:
     save_file(state, path)
 
     reads: list[tuple[str, object]] = []
-    original_read = safetensors_format.SafetensorsArray.read
+    original_view = safetensors_format.SafetensorsArray.view
 
-    def counting_read(self, index=...):
+    def counting_view(self, index=...):
         reads.append((self.key, index))
-        return original_read(self, index)
+        return original_view(self, index)
 
-    safetensors_format.SafetensorsArray.read = counting_read
+    safetensors_format.SafetensorsArray.view = counting_view
     mesh = jax.make_mesh((2, 4), ("a", "b"))
     graphdef, abstract_state = nnx.get_abstract_model(lambda: Model(nnx.Rngs(0)), mesh)
     template = nnx.merge(graphdef, abstract_state)

@@ -9,7 +9,8 @@ from bridge.formats import linen
 from bridge.formats import msgpack
 from bridge.formats import torch
 from bridge.formats import safetensors
+from bridge.formats import orbax
 
 # isort: on
 
-__all__ = ["linen", "msgpack", "nnx", "safetensors", "torch"]
+__all__ = ["linen", "msgpack", "nnx", "orbax", "safetensors", "torch"]

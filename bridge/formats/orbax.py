@@ -1,0 +1,756 @@
+"""Orbax checkpoints: a PyTree of arrays in a directory, as `orbax.checkpoint` writes it.
+
+Layouts read, all through the same on-disk PyTree item (`_METADATA` plus an OCDBT store
+or per-array zarr directories):
+
+- a v0 `StandardCheckpointer` / `PyTreeCheckpointer` directory: the item is the directory;
+- a v1 checkpoint (`ocp.v1.save`): the item is `state/` (`pytree/` in older releases),
+  next to `_CHECKPOINT_METADATA`; a directory of several PyTree items (a Composite
+  checkpoint) is read as one tree keyed by item name;
+- a `CheckpointManager` root: numeric step directories (`<step>` or `<prefix>_<step>`),
+  each a checkpoint as above; `step=` picks one, the latest finished one by default.
+
+Orbax saves into `<name>.orbax-checkpoint-tmp-*` and renames when done: such a directory
+is an unfinished save and is refused. Detection looks for these markers itself: Orbax's
+`is_orbax_checkpoint` also says yes to an empty directory.
+
+Both directions use Orbax's stable top-level API (`PyTreeCheckpointHandler` to read,
+`StandardCheckpointer` to write, as Flax's NNX checkpointing guide does). The v1 API
+still lives in `orbax.checkpoint.experimental` ("subject to change without notice"), and
+a v0 checkpoint is read by v0 code and by `ocp.v1.load` alike.
+
+Orbax stores dict keys as strings and names arrays by joining keys with ".", so int keys
+come back as digit strings, and `{"a.b": x, "a": {"b": y}}` silently restores one of the
+two arrays under both keys (whichever was written last).
+`write` refuses such keys and stores a description (Variable kinds, int key positions,
+partitioning metadata) in the checkpoint's custom metadata, from which `read` rebuilds the
+exact flat state without a template. For checkpoints bridge did not write, digit strings
+stay strings unless the template has an int there: whether `"0"` was an `nnx.List` index
+or a dict key is not recorded. `None` leaves and empty dicts hold no array: they are left
+out of the flat state and listed in the report's notes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import glob
+import os
+import re
+import shutil
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from flax.nnx import variablelib
+
+from bridge.atomic import atomic_output
+from bridge.errors import FormatError
+from bridge.graph import Context, register_conversion, register_format
+from bridge.tree import MESH, FlatState, Leaf, dotted, match_key, normalize_metadata
+from bridge.tree import Path as TreePath
+
+DESCRIPTION_KEY = "bridge"
+"""The key of bridge's description in the checkpoint's custom metadata."""
+TMP_SUFFIX = ".orbax-checkpoint-tmp"
+"""What Orbax appends to a checkpoint's name while saving it (its `TMP_DIR_SUFFIX`)."""
+STEP_METADATA = "_CHECKPOINT_METADATA"
+TREE_FILES = ("_METADATA", "manifest.ocdbt")
+STEP_NAME = re.compile(r"(?:.+_)?(\d+)")
+"""Step directory names a CheckpointManager writes: `12`, `step_12`, `checkpoint_00012`."""
+COLLECTION_FIRST_SOURCES = frozenset({"linen", "msgpack"})
+"""Sources whose users save `{collection: {...}}` trees; every other source is saved
+module-first, the way NNX users save `nnx.state(model)`."""
+UNSAFE_KEY_CHARACTERS = (".", "/")
+"""Orbax joins keys with "." into array names, and "/" separates storage paths."""
+
+Key = str | int
+StoredPath = tuple[Key, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Checkpoint:
+    """One checkpoint: the directory holding its step metadata, and its PyTree items by
+    name ("" for the only one)."""
+
+    directory: Path
+    items: dict[str, Path]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    """One array of the checkpoint: where Orbax keeps it, where bridge puts it."""
+
+    item: str
+    stored: StoredPath
+    """The key path inside the item's tree."""
+    path: TreePath
+    leaf: Leaf
+    """Abstract (`ShapeDtypeStruct`) until restored."""
+    is_key: bool = False
+    """A typed PRNG key array: Orbax stores its key data and re-wraps it when restored
+    as a `jax.Array`."""
+    is_scalar: bool = False
+    """Saved as a Python scalar: restored as numpy, whose float64 / int64 jax may not keep."""
+
+    @property
+    def orbax_name(self) -> str:
+        return ".".join(str(part) for part in ((self.item,) if self.item else ()) + self.stored)
+
+
+@dataclasses.dataclass
+class _Scan:
+    """What the metadata says, before any array data is read."""
+
+    checkpoint: _Checkpoint
+    trees: dict[str, Any]
+    """Orbax's metadata tree of each item."""
+    entries: list[_Entry]
+
+
+# --- finding the checkpoint -------------------------------------------------------------
+
+
+def _is_unfinished(path: Path) -> bool:
+    return TMP_SUFFIX in path.name
+
+
+def _is_tree(path: Path) -> bool:
+    """An Orbax PyTree item: tree metadata, an OCDBT store, or per-array zarr directories."""
+    if not path.is_dir() or _is_unfinished(path):
+        return False
+    if any((path / name).exists() for name in TREE_FILES):
+        return True
+    return any(
+        child.name.startswith("ocdbt.process_")
+        or (child / ".zarray").is_file()
+        or (child / "zarr.json").is_file()
+        for child in path.iterdir()
+        if child.is_dir()
+    )
+
+
+def _checkpoint_in(path: Path) -> _Checkpoint | None:
+    """The checkpoint at `path` itself (not a manager root), if any."""
+    if _is_tree(path):
+        return _Checkpoint(path, {"": path})
+    items = {child.name: child for child in sorted(path.iterdir()) if _is_tree(child)}
+    if len(items) == 1:
+        return _Checkpoint(path, {"": next(iter(items.values()))})
+    if items:
+        return _Checkpoint(path, items)
+    if (path / STEP_METADATA).is_file():
+        names = sorted(child.name for child in path.iterdir() if child.is_dir())
+        raise FormatError(
+            f"{path}: an Orbax checkpoint without a PyTree item (its items: {names or 'none'}); "
+            "bridge reads PyTrees of arrays"
+        )
+    return None
+
+
+def _steps(root: Path) -> tuple[dict[int, Path], list[str]]:
+    """A manager root's finished steps, and the names of its unfinished step directories."""
+    finished: dict[int, Path] = {}
+    unfinished: list[str] = []
+    for child in sorted(root.iterdir()):
+        if not child.is_dir():
+            continue
+        if _is_unfinished(child):
+            if STEP_NAME.fullmatch(child.name.split(TMP_SUFFIX)[0]):
+                unfinished.append(child.name)
+            continue
+        number = STEP_NAME.fullmatch(child.name)
+        if number and (
+            (child / STEP_METADATA).is_file()
+            or _is_tree(child)
+            or any(_is_tree(item) for item in child.iterdir())
+        ):
+            finished[int(number.group(1))] = child
+    return finished, unfinished
+
+
+def _unfinished(path: Path) -> FormatError:
+    return FormatError(
+        f"{path}: an unfinished save (Orbax writes into '*{TMP_SUFFIX}*' and renames it when "
+        "done): the save is still running or was interrupted; load a finished checkpoint"
+    )
+
+
+def _locate(path: Path, step: Any) -> _Checkpoint:
+    if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
+        raise FormatError(f"step={step!r}: expected an int, the number of a saved step")
+    if _is_unfinished(path):
+        raise _unfinished(path)
+    if not path.is_dir():
+        raise FormatError(
+            f"{path}: {'not a directory' if path.exists() else 'no such directory'}; "
+            "an Orbax checkpoint is a directory"
+        )
+    checkpoint = _checkpoint_in(path)
+    if checkpoint is not None:
+        if step is not None:
+            raise FormatError(
+                f"{path}: step={step} picks a step of a CheckpointManager root, but this is "
+                "a single checkpoint"
+            )
+        return checkpoint
+    finished, unfinished = _steps(path)
+    if not finished:
+        if unfinished:
+            raise FormatError(
+                f"{path}: a CheckpointManager root whose only steps are unfinished saves "
+                f"({', '.join(unfinished)}); the save is still running or was interrupted"
+            )
+        raise FormatError(
+            f"{path}: not an Orbax checkpoint: no {' or '.join(TREE_FILES)}, no item directory "
+            "holding one, no step directory"
+        )
+    chosen = max(finished) if step is None else step
+    if chosen not in finished:
+        pending = f"; unfinished: {', '.join(unfinished)}" if unfinished else ""
+        raise FormatError(
+            f"{path}: no finished step {step}; the CheckpointManager root has steps "
+            f"{sorted(finished)}{pending}"
+        )
+    found = _checkpoint_in(finished[chosen])
+    if found is None:
+        raise FormatError(f"{finished[chosen]}: step {chosen} holds no Orbax PyTree item")
+    return found
+
+
+# --- reading metadata -------------------------------------------------------------------
+
+
+def _description(checkpoint: _Checkpoint) -> dict[str, Any] | None:
+    """bridge's description from the checkpoint's custom metadata, if bridge wrote it."""
+    if set(checkpoint.items) != {""} or not (checkpoint.directory / STEP_METADATA).is_file():
+        return None
+    where = checkpoint.directory / STEP_METADATA
+    try:
+        custom = ocp.metadata.get_step_metadata(checkpoint.directory).custom_metadata
+    except Exception as exc:  # Orbax raises ValueError for an unparsable file, and others
+        raise FormatError(f"{where}: not readable checkpoint metadata ({exc})") from exc
+    description = (custom or {}).get(DESCRIPTION_KEY)
+    if description is None:
+        return None
+    if not (isinstance(description, dict) and isinstance(description.get("leaves"), dict)):
+        raise FormatError(f"{where}: the {DESCRIPTION_KEY!r} custom metadata is malformed")
+    return description
+
+
+def _tree_metadata(directory: Path) -> Any:
+    """Orbax's metadata tree of one item: shapes and dtypes, no array data."""
+    with contextlib.closing(ocp.PyTreeCheckpointHandler()) as handler:
+        try:
+            return handler.metadata(epath.Path(directory)).tree
+        except Exception as exc:  # JSON, tensorstore and file errors alike mean "unreadable"
+            raise FormatError(
+                f"{directory}: cannot read Orbax's tree metadata: {_first_line(exc)}"
+            ) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _key(entry: Any) -> Key:
+    if isinstance(entry, jax.tree_util.SequenceKey):
+        return entry.idx
+    if isinstance(entry, jax.tree_util.DictKey):
+        return entry.key
+    if isinstance(entry, jax.tree_util.GetAttrKey):
+        return entry.name
+    return str(entry)
+
+
+def _is_empty(node: Any) -> bool:
+    return node is None or (isinstance(node, dict | list | tuple) and not node)
+
+
+def _flatten(tree: Any) -> list[tuple[StoredPath, Any]]:
+    """`(key path, metadata)` of every leaf, empty nodes (None, {}) included."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_empty)
+    return [(tuple(_key(entry) for entry in keypath), value) for keypath, value in flat]
+
+
+def _from_json(value: Any) -> Any:
+    """JSON lists back to the tuples Flax metadata holds."""
+    if isinstance(value, list):
+        return tuple(_from_json(item) for item in value)
+    if isinstance(value, dict):
+        return {key: _from_json(item) for key, item in value.items()}
+    return value
+
+
+def _with_ints(path: TreePath) -> TreePath:
+    return tuple(int(part) if isinstance(part, str) and part.isdigit() else part for part in path)
+
+
+class _Known(NamedTuple):
+    """What is known of one stored array beyond its shape and dtype."""
+
+    path: TreePath
+    kind: str | None
+    metadata: Mapping[str, Any]
+    transient: bool = False
+    is_key: bool = False
+
+
+def _described(full: list[StoredPath], description: dict[str, Any], where: Path) -> list[_Known]:
+    """Each array as bridge's description records it: the exact original leaf."""
+    leaves: dict[str, Any] = description["leaves"]
+    collection_first = description.get("layout") == "collection-first"
+    names = [".".join(str(part) for part in parts) for parts in full]
+    if disagree := sorted(set(names) ^ set(leaves)):
+        raise FormatError(
+            f"{where}: the checkpoint's arrays and bridge's description of them disagree "
+            f"(e.g. {disagree[0]!r}): the checkpoint was changed after bridge wrote it"
+        )
+    known = []
+    for name, parts in zip(names, full, strict=True):
+        info = leaves[name]
+        ints = set(info.get("ints", ()))
+        path = parts[1:] if collection_first else parts
+        path = tuple(int(part) if index in ints else part for index, part in enumerate(path))
+        metadata = _from_json(info.get("metadata", {}))
+        known.append(
+            _Known(
+                path,
+                info.get("kind"),
+                metadata,
+                info.get("transient", False),
+                info.get("key", False),
+            )
+        )
+    return known
+
+
+def _guessed(full: list[StoredPath], template_keys: set[str]) -> list[_Known]:
+    """Each array of a checkpoint bridge did not write, as far as its tree tells.
+
+    A Linen-style tree (every top key a registered Linen collection) has its collection
+    as kind. A trailing `value` on every leaf is what saving `nnx.State` (or boxed Linen
+    variables) adds: it is dropped. With a template, each leaf takes the spelling the
+    template knows: digit strings as ints, with or without the trailing `value`.
+    """
+    linen_style = bool(full) and all(
+        isinstance(parts[0], str) and parts[0] in variablelib.VariableTypeCache for parts in full
+    )
+    bodies = [parts[1:] if linen_style else parts for parts in full]
+    strip_value = all(len(body) > 1 and body[-1] == "value" for body in bodies)
+    known = []
+    for parts, body in zip(full, bodies, strict=True):
+        stripped = body[:-1] if len(body) > 1 and body[-1] == "value" else None
+        default = stripped if strip_value and stripped else body
+        spellings = [default, body if strip_value else stripped]
+        candidates = [form for s in spellings if s for form in (s, _with_ints(s))]
+        path = next((c for c in candidates if match_key(c) in template_keys), default)
+        known.append(_Known(path, str(parts[0]) if linen_style else None, {}))
+    return known
+
+
+def _entries(
+    trees: dict[str, Any], description: dict[str, Any] | None, ctx: Context, where: Path
+) -> tuple[list[_Entry], list[str], list[str]]:
+    """The arrays of every item, with bridge paths, kinds and metadata; plus the names of
+    empty nodes and of leaves that are not arrays."""
+    arrays: list[tuple[str, StoredPath, Any]] = []
+    empty: list[str] = []
+    not_arrays: list[str] = []
+    for item, tree in trees.items():
+        for stored, value in _flatten(tree):
+            name = ".".join(str(part) for part in ((item,) if item else ()) + stored)
+            if _is_empty(value):
+                empty.append(name)
+            elif isinstance(value, ocp.metadata.ArrayMetadata):
+                arrays.append((item, stored, value))
+            else:
+                not_arrays.append(f"{name} ({type(value).__name__})")
+
+    full = [((item,) if item else ()) + stored for item, stored, _ in arrays]
+    if description is None:
+        template_keys = {match_key(path) for path in ctx.template_flat or {}}
+        known = _guessed(full, template_keys)
+    else:
+        known = _described(full, description, where)
+    entries = []
+    for (item, stored, meta), info in zip(arrays, known, strict=True):
+        abstract = jax.ShapeDtypeStruct(tuple(meta.shape), meta.dtype)
+        leaf = Leaf(abstract, kind=info.kind, metadata=info.metadata, transient=info.transient)
+        is_scalar = isinstance(meta, ocp.metadata.ScalarMetadata)
+        entries.append(_Entry(item, stored, info.path, leaf, info.is_key, is_scalar))
+    return entries, empty, not_arrays
+
+
+def _selector(only: Any, entries: list[_Entry]) -> Callable[[_Entry], bool]:
+    """`only=`: a collection (leaf kind) of this checkpoint, else a regular expression
+    searched in dotted keys."""
+    if not isinstance(only, str):
+        raise FormatError(f"only={only!r}: expected a collection name or a regular expression")
+    kinds = {entry.leaf.kind for entry in entries if entry.leaf.kind}
+    if only in kinds:
+        return lambda entry: entry.leaf.kind == only
+    try:
+        pattern = re.compile(only)
+    except re.error as exc:
+        raise FormatError(
+            f"only={only!r} is neither a collection of this checkpoint ({sorted(kinds)}) nor a "
+            f"regular expression ({exc})"
+        ) from None
+    return lambda entry: pattern.search(dotted(entry.path)) is not None
+
+
+def _scan(obj: Any, ctx: Context) -> _Scan:
+    """Locate the checkpoint and read its metadata: keys, shapes, dtypes, description."""
+    checkpoint = _locate(Path(os.fspath(obj)), ctx.options.get("step"))
+    trees = {item: _tree_metadata(directory) for item, directory in checkpoint.items.items()}
+    where = checkpoint.directory
+    entries, empty, not_arrays = _entries(trees, _description(checkpoint), ctx, where)
+    seen: dict[TreePath, _Entry] = {}
+    for entry in entries:
+        if entry.path in seen:
+            raise FormatError(
+                f"{where}: {seen[entry.path].orbax_name!r} and {entry.orbax_name!r} are both "
+                f"{dotted(entry.path)!r} once the collection is taken as the kind; a flat state "
+                "cannot hold both (pass source=... and a rule to rename one)"
+            )
+        seen[entry.path] = entry
+    if len(checkpoint.items) > 1:
+        ctx.report.notes.append(
+            f"{where}: items {sorted(checkpoint.items)} read as one tree keyed by item name"
+        )
+    if empty:
+        ctx.report.notes.append(
+            f"{where}: {len(empty)} empty entries (None, empty dicts) hold no array and are "
+            f"left out: {', '.join(empty)}"
+        )
+    if not_arrays:
+        ctx.report.notes.append(
+            f"{where}: {len(not_arrays)} leaves are not arrays and are left out: "
+            f"{', '.join(not_arrays)}"
+        )
+    only = ctx.options.get("only")
+    if only is not None and entries:
+        keep = _selector(only, entries)
+        chosen = [entry for entry in entries if keep(entry)]
+        if not chosen:
+            raise FormatError(
+                f"{where}: only={only!r} selects none of its {len(entries)} arrays (keys such "
+                f"as {dotted(entries[0].path)!r}; collections "
+                f"{sorted({e.leaf.kind for e in entries if e.leaf.kind})})"
+            )
+        ctx.report.notes.append(
+            f"only={only!r}: {len(entries) - len(chosen)} of {len(entries)} arrays not read"
+        )
+        entries = chosen
+    return _Scan(checkpoint, trees, entries)
+
+
+def inspect(obj: str | os.PathLike[str], ctx: Context) -> FlatState:
+    """Keys, shapes, dtypes and kinds from Orbax's metadata; no array data is read. A PRNG
+    key array shows as the key data Orbax stores (uint32, one trailing axis more)."""
+    return {entry.path: entry.leaf for entry in _scan(obj, ctx).entries}
+
+
+# --- restoring arrays -------------------------------------------------------------------
+
+
+def _is_key_dtype(dtype: Any) -> bool:
+    try:
+        return jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+    except TypeError:
+        return False
+
+
+def _restore_args(entry: _Entry, like: Leaf | None) -> ocp.RestoreArgs:
+    """How one array is restored: PRNG keys as jax arrays (Orbax re-wraps them), onto the
+    template's sharding or the host; an array whose template leaf has a sharding and the
+    same shape and dtype, onto that sharding; anything else as numpy on the host (a leaf
+    that does not fit its template is left for the matcher to report)."""
+    sharding = getattr(like.value, "sharding", None) if like is not None else None
+    if entry.is_key or (like is not None and _is_key_dtype(like.dtype)):
+        return ocp.ArrayRestoreArgs(
+            restore_type=jax.Array,
+            sharding=sharding or jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0]),
+        )
+    if (
+        sharding is not None
+        and like is not None
+        and (like.shape, like.dtype) == (entry.leaf.shape, entry.leaf.dtype)
+        and not entry.is_scalar
+    ):
+        return ocp.ArrayRestoreArgs(restore_type=jax.Array, sharding=sharding)
+    return ocp.RestoreArgs(restore_type=np.ndarray)
+
+
+def _restore_item(
+    directory: Path, tree: Any, wanted: dict[StoredPath, ocp.RestoreArgs]
+) -> dict[StoredPath, Any]:
+    """The wanted arrays of one item; every other leaf stays an Orbax placeholder, unread."""
+
+    def pick(keypath: Any, value: Any, restore: bool) -> Any:
+        stored = tuple(_key(entry) for entry in keypath)
+        if stored not in wanted:
+            return ocp.PLACEHOLDER
+        return wanted[stored] if restore else value
+
+    item = jax.tree_util.tree_map_with_path(lambda k, v: pick(k, v, False), tree)
+    args = jax.tree_util.tree_map_with_path(lambda k, v: pick(k, v, True), tree)
+    with contextlib.closing(ocp.PyTreeCheckpointHandler()) as handler:
+        try:
+            restored = handler.restore(
+                epath.Path(directory), args=ocp.args.PyTreeRestore(item=item, restore_args=args)
+            )
+        except Exception as exc:  # tensorstore reports missing or cut data as ValueError
+            raise FormatError(
+                f"{directory}: Orbax could not restore the arrays, the checkpoint is corrupt or "
+                f"incomplete ({_first_line(exc)})"
+            ) from exc
+    return {stored: value for stored, value in _flatten(restored) if stored in wanted}
+
+
+def read(obj: str | os.PathLike[str], ctx: Context) -> FlatState:
+    """Restore the checkpoint's arrays (those `only=` selects): into the template's
+    shardings where it gives them, as numpy arrays on the host otherwise. Everything is
+    restored before anything is returned."""
+    scan = _scan(obj, ctx)
+    template = {match_key(path): leaf for path, leaf in (ctx.template_flat or {}).items()}
+    values: dict[tuple[str, StoredPath], Any] = {}
+    for item, directory in scan.checkpoint.items.items():
+        wanted = {
+            entry.stored: _restore_args(entry, template.get(match_key(entry.path)))
+            for entry in scan.entries
+            if entry.item == item
+        }
+        if wanted:
+            restored = _restore_item(directory, scan.trees[item], wanted)
+            values.update({(item, stored): value for stored, value in restored.items()})
+    return {
+        entry.path: entry.leaf.replace(value=values[entry.item, entry.stored])
+        for entry in scan.entries
+    }
+
+
+# --- writing ----------------------------------------------------------------------------
+
+
+def _to_json(value: Any) -> Any:
+    """Metadata as JSON (tuples as lists); a TypeError for what JSON cannot hold."""
+    if value is None or isinstance(value, str | bool | int | float):
+        return value
+    if isinstance(value, list | tuple):
+        return [_to_json(item) for item in value]
+    if isinstance(value, dict) and all(isinstance(key, str) for key in value):
+        return {key: _to_json(item) for key, item in value.items()}
+    raise TypeError(type(value).__name__)
+
+
+def _array(key: str, value: Any) -> Any:
+    """What Orbax is given: jax arrays as they are (sharded ones are saved per shard),
+    anything else as a numpy array."""
+    if isinstance(value, jax.Array):
+        return value
+    try:
+        array = np.asarray(value)
+    except FormatError:  # a lazy source that is itself corrupt says so best
+        raise
+    except (TypeError, ValueError) as exc:
+        raise FormatError(
+            f"{key!r}: cannot make an array of {type(value).__name__}: {exc}"
+        ) from exc
+    if array.dtype.kind in "OUS":
+        raise FormatError(f"{key!r}: Orbax stores numeric arrays, not dtype {array.dtype}")
+    return array
+
+
+def _check_keys(stored: list[tuple[StoredPath, tuple[Any, ...], str]]) -> None:
+    """Refuse, before anything is written, the keys Orbax would store ambiguously.
+
+    `stored` holds (key parts as saved, the leaf's own path, its dotted spelling).
+    """
+    by_name: dict[str, tuple[Any, ...]] = {}
+    for parts, path, _ in stored:
+        name = ".".join(parts)
+        if name in by_name:
+            raise FormatError(
+                f"keys {by_name[name]} and {path} would both be stored as Orbax array {name!r}: "
+                "Orbax joins nested keys with '.' and would restore one of the two arrays "
+                "under both keys; rename one with rules=..."
+            )
+        by_name[name] = path
+    for parts, _, key in stored:
+        if any(char in part for part in parts for char in UNSAFE_KEY_CHARACTERS):
+            raise FormatError(
+                f"{key!r}: a key part holds '.' or '/', which Orbax uses to name and store "
+                "arrays; it would be ambiguous in the checkpoint; rename it with rules=..."
+            )
+    prefixes = {parts[:end]: key for parts, _, key in stored for end in range(1, len(parts))}
+    for parts, _, key in stored:
+        if parts in prefixes:
+            raise FormatError(
+                f"{key!r} is an array and also a prefix of {prefixes[parts]!r}; a nested "
+                "checkpoint tree cannot hold both"
+            )
+
+
+def _leaf_description(
+    key: str, path: TreePath, leaf: Leaf, meshes: list[str], unstorable: list[str]
+) -> dict[str, Any]:
+    """What the saved tree loses of one leaf: kind, int key parts, metadata, PRNG-ness.
+    Only what JSON holds is kept; the rest is listed in `meshes` / `unstorable`."""
+    info: dict[str, Any] = {"kind": leaf.kind}
+    if ints := [index for index, part in enumerate(path) if isinstance(part, int)]:
+        info["ints"] = ints
+    metadata = {}
+    for name, value in normalize_metadata(leaf.metadata).items():
+        if name == MESH:
+            meshes.append(key)
+            continue
+        try:
+            metadata[name] = _to_json(value)
+        except TypeError as exc:
+            unstorable.append(f"{key}: {name} ({exc})")
+    if metadata:
+        info["metadata"] = metadata
+    if leaf.transient:
+        info["transient"] = True
+    if _is_key_dtype(leaf.dtype):
+        info["key"] = True
+    return info
+
+
+def _layout(
+    flat: FlatState, ctx: Context, collection_first: bool
+) -> tuple[dict[StoredPath, Any], dict[str, Any]]:
+    """The arrays to save by key path, and the description of every leaf by array name."""
+    stored: list[tuple[StoredPath, tuple[Any, ...], str]] = []
+    leaves: dict[str, Any] = {}
+    meshes: list[str] = []
+    unstorable: list[str] = []
+    for path, leaf in flat.items():
+        if not path:
+            raise FormatError("a leaf without a key cannot be stored in an Orbax tree")
+        key = f"{leaf.kind or 'params'}/{dotted(path)}" if collection_first else dotted(path)
+        if leaf.is_abstract:
+            raise FormatError(f"{key!r} is abstract ({leaf.value}); it has no data to save")
+        collection = (leaf.kind or "params",) if collection_first else ()
+        parts = collection + tuple(map(str, path))
+        stored.append((parts, collection + path, key))
+        leaves[".".join(parts)] = _leaf_description(key, path, leaf, meshes, unstorable)
+    _check_keys(stored)
+    if meshes:
+        ctx.report.notes.append(
+            f"{len(meshes)} leaves' mesh not stored (a jax Mesh is no JSON; restore onto a mesh "
+            f"with a template that has shardings): {', '.join(meshes)}"
+        )
+    if unstorable:
+        ctx.report.notes.append(
+            f"metadata not stored (not JSON-serialisable): {'; '.join(unstorable)}"
+        )
+    arrays = {
+        parts: _array(key, leaf.value)
+        for (parts, _, key), leaf in zip(stored, flat.values(), strict=True)
+    }
+    return arrays, leaves
+
+
+def _is_empty_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+
+
+def _bridge_version() -> str:
+    import bridge  # the package imports this adapter, so only here is it complete
+
+    return bridge.__version__
+
+
+def write(flat: FlatState, ctx: Context) -> Path:
+    """Save to `ctx.options["path"]` with `ocp.StandardCheckpointer`, waiting until done.
+
+    Orbax saves into a temporary sibling and renames it; that happens inside bridge's own
+    temporary, moved to `path` only once complete, so a failure leaves nothing at `path`
+    and `overwrite=True` swaps an old checkpoint for the new one in a rename. An existing
+    `path` is refused without `overwrite=True` (an empty directory counts as absent).
+    """
+    if ctx.options.get("path") is None:
+        raise FormatError("writing an Orbax checkpoint needs path=... (a directory)")
+    target = Path(os.fspath(ctx.options["path"]))
+    collection_first = ctx.source in COLLECTION_FIRST_SOURCES
+    arrays, leaves = _layout(flat, ctx, collection_first)
+    description = {
+        "bridge_version": _bridge_version(),
+        "source": ctx.source,
+        "layout": "collection-first" if collection_first else "module-first",
+        "leaves": leaves,
+    }
+    tree = _nest(arrays)
+    overwrite = bool(ctx.options.get("overwrite")) or _is_empty_dir(target)
+    with atomic_output(target, overwrite=overwrite) as temp:
+        try:
+            with ocp.StandardCheckpointer() as checkpointer:
+                checkpointer.save(temp, tree, custom_metadata={DESCRIPTION_KEY: description})
+        except Exception as exc:  # Orbax's own errors: unsupported leaves, I/O, ...
+            for leftover in glob.glob(glob.escape(str(temp)) + TMP_SUFFIX + "*"):
+                shutil.rmtree(leftover, ignore_errors=True)
+            raise FormatError(f"{target}: Orbax could not save the checkpoint: {exc}") from exc
+    return target
+
+
+def _nest(arrays: Mapping[StoredPath, Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for parts, value in arrays.items():
+        node = tree
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return tree
+
+
+# --- detection and registration ---------------------------------------------------------
+
+
+def detect(obj: Any) -> float:
+    """Sure for a directory with Orbax's markers (a checkpoint, an item inside one, a
+    manager root with step directories, an unfinished save); never raises."""
+    if not isinstance(obj, str | os.PathLike):
+        return 0.0
+    try:
+        path = Path(os.fspath(obj))
+        if not path.is_dir():
+            return 0.0
+        if _is_unfinished(path) or (path / STEP_METADATA).is_file():
+            return 1.0
+        if _checkpoint_in(path) is not None:
+            return 1.0
+        finished, unfinished = _steps(path)
+        return 1.0 if finished or unfinished else 0.0
+    except (OSError, TypeError, ValueError):  # FormatError is a ValueError
+        return 0.0
+
+
+def _drop_transient(flat: FlatState, ctx: Context) -> FlatState:
+    """RNG state a checkpoint may hold has no Linen counterpart."""
+    ctx.report.dropped.extend(leaf.source for leaf in flat.values() if leaf.transient)
+    return {path: leaf for path, leaf in flat.items() if not leaf.transient}
+
+
+register_format(
+    "orbax",
+    detect=detect,
+    read=read,
+    write=write,
+    inspect=inspect,
+    description="an Orbax checkpoint directory (v0, v1, or a CheckpointManager root of steps)",
+    options={"path", "overwrite", "step", "only"},
+)
+register_conversion("orbax", "nnx_state", cost=1.0)
+register_conversion("nnx_state", "orbax", cost=1.0, needs={"path"})
+register_conversion(
+    "orbax", "linen", cost=1.0, lossy=True, loses="NNX RNG state", transform=_drop_transient
+)
+register_conversion("linen", "orbax", cost=1.0, needs={"path"})
