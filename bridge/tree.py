@@ -332,3 +332,16 @@ def by_collection(flat: Mapping[Path, Any], where: str) -> FlatState:
             )
         out[path] = Leaf(value, kind=str(collection))
     return out
+
+
+def as_numpy(key: str, value: Any) -> np.ndarray:
+    """`np.asarray(value)` for a writer, turning "not an array" into a `FormatError` that
+    names the key (a lazy source that is itself corrupt raises its own)."""
+    try:
+        return np.asarray(value)
+    except FormatError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise FormatError(
+            f"{key!r}: cannot make an array of {type(value).__name__}: {exc}"
+        ) from exc

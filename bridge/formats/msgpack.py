@@ -33,7 +33,7 @@ from flax.nnx import variablelib
 from bridge.atomic import atomic_output
 from bridge.errors import FormatError
 from bridge.graph import Context, register_conversion, register_format
-from bridge.tree import FlatState, Leaf, Path, by_collection, linen_path
+from bridge.tree import FlatState, Leaf, Path, as_numpy, by_collection, linen_path
 
 SUFFIX = ".msgpack"
 MAP_MARKERS = frozenset(range(0x80, 0x90)) | {0xDE, 0xDF}
@@ -188,14 +188,7 @@ def _value(key: str, leaf: Leaf) -> Any:
     if type(value) in NATIVE:
         return value
     if not isinstance(value, np.generic):
-        try:
-            value = np.asarray(value)
-        except FormatError:  # a lazy source that is itself corrupt says so best
-            raise
-        except (TypeError, ValueError) as exc:
-            raise FormatError(
-                f"{key!r}: cannot make an array of {type(value).__name__}: {exc}"
-            ) from exc
+        value = as_numpy(key, value)
         if not value.dtype.isnative:
             value = value.astype(value.dtype.newbyteorder("="))
     if not _restorable(value.dtype):

@@ -51,7 +51,7 @@ from flax.nnx import variablelib
 from bridge.atomic import atomic_output
 from bridge.errors import FormatError
 from bridge.graph import Context, register_conversion, register_format
-from bridge.tree import MESH, FlatState, Leaf, dotted, match_key, normalize_metadata
+from bridge.tree import MESH, FlatState, Leaf, as_numpy, dotted, match_key, normalize_metadata
 from bridge.tree import Path as TreePath
 
 DESCRIPTION_KEY = "bridge"
@@ -555,14 +555,7 @@ def _array(key: str, value: Any) -> Any:
     anything else as a numpy array."""
     if isinstance(value, jax.Array):
         return value
-    try:
-        array = np.asarray(value)
-    except FormatError:  # a lazy source that is itself corrupt says so best
-        raise
-    except (TypeError, ValueError) as exc:
-        raise FormatError(
-            f"{key!r}: cannot make an array of {type(value).__name__}: {exc}"
-        ) from exc
+    array = as_numpy(key, value)
     if array.dtype.kind in "OUS":
         raise FormatError(f"{key!r}: Orbax stores numeric arrays, not dtype {array.dtype}")
     return array

@@ -27,7 +27,7 @@ from safetensors.numpy import save_file
 from bridge.atomic import atomic_output
 from bridge.errors import FormatError
 from bridge.graph import Context, register_conversion, register_format
-from bridge.tree import FlatState, LazyArray, Leaf, dotted, parse_dotted
+from bridge.tree import FlatState, LazyArray, Leaf, as_numpy, dotted, parse_dotted
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -380,14 +380,7 @@ def _checked(flat: FlatState) -> dict[str, Leaf]:
 def _materialized(key: str, value: Any) -> np.ndarray:
     """A C-contiguous numpy array of `value`, copied only where needed (`save_file` reads
     raw memory, and swaps big-endian data itself)."""
-    try:
-        array = np.asarray(value)
-    except FormatError:  # a lazy source that is itself corrupt says so best
-        raise
-    except (TypeError, ValueError) as exc:
-        raise FormatError(
-            f"{key!r}: cannot make an array of {type(value).__name__}: {exc}"
-        ) from exc
+    array = as_numpy(key, value)
     if _code_of(array.dtype) is None:
         raise FormatError(f"{key!r}: safetensors cannot hold dtype {array.dtype}")
     return array if array.flags.c_contiguous else array.copy(order="C")
