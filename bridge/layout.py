@@ -336,6 +336,11 @@ def to_torch(flat: FlatState, ctx: Context) -> FlatState:
     mha = {parent for parent, roles in groups.items() if "in_proj_weight" in roles}
     fused: dict[tuple[Path, str], dict[str, Leaf]] = {}
     planned: list[tuple[Path, Leaf, str, Leaf | None]] = []  # (torch path, leaf, role, target)
+    if described := [leaf.source for leaf in flat.values() if leaf.metadata]:
+        ctx.report.dropped.append(
+            f"Variable metadata (partitioning, ...) of {len(described)} leaves: torch keeps "
+            f"none ({', '.join(described[:3])}{', ...' if len(described) > 3 else ''})"
+        )
     for path, leaf in flat.items():
         if leaf.transient:  # NNX RNG state: torch has no place for it
             ctx.report.dropped.append(leaf.source)

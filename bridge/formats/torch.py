@@ -194,7 +194,13 @@ register_format(
 )
 register_conversion("torch", "nnx_state", cost=1.0, transform=to_flax)
 register_conversion("torch", "linen", cost=1.0, transform=to_flax)
-register_conversion("linen", "torch", cost=1.0, transform=to_torch)
+METADATA = "Variable metadata (partitioning)"
+register_conversion("linen", "torch", cost=1.0, transform=to_torch, lossy=True, loses=METADATA)
 register_conversion(
-    "nnx_state", "torch", cost=1.0, transform=to_torch, lossy=True, loses="NNX RNG state"
+    "nnx_state",
+    "torch",
+    cost=1.0,
+    transform=to_torch,
+    lossy=True,
+    loses=f"NNX RNG state, {METADATA}",
 )
