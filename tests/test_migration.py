@@ -125,3 +125,30 @@ def test_optimizer_of_another_transformation_is_a_mismatch():
     )
     with pytest.raises(bridge.MismatchError, match="opt_state"):
         bridge.migrate(state, model=nnx.eval_shape(lambda: NnxMlp(nnx.Rngs(0))), optimizer=sgd)
+
+
+@pytest.mark.parametrize("stored", ["msgpack", "orbax"])
+def test_migration_from_checkpoint_files(tmp_path, stored):
+    import orbax.checkpoint as ocp
+
+    state = trained_linen_state()
+    if stored == "msgpack":
+        checkpoint = serialization.to_bytes(state)  # what flax.training.checkpoints wrote
+    else:
+        checkpoint = tmp_path / "ckpt"
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(checkpoint, serialization.to_state_dict(state))
+        checkpointer.wait_until_finished()
+    optimizer_template = nnx.eval_shape(
+        lambda: nnx.Optimizer(NnxMlp(nnx.Rngs(0)), optax.adam(1e-2), wrt=nnx.Param)
+    )
+    model, optimizer = bridge.migrate(
+        checkpoint, model=nnx.eval_shape(lambda: NnxMlp(nnx.Rngs(0))), optimizer=optimizer_template
+    )
+    assert int(optimizer.step.get_value()) == STEPS
+    for x, y in batches(2 * STEPS)[STEPS:]:
+        state = linen_step(state, x, y)
+        nnx_step(model, optimizer, x, y)
+    np.testing.assert_array_equal(
+        model.layers[1].kernel.get_value(), state.params["layers_1"]["kernel"]
+    )
