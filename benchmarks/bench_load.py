@@ -295,7 +295,10 @@ METHODS = {
 def run_one(method: str, path: Path, layers: int, dtype: str) -> dict:
     """Measure one method in this (fresh) process; prints a JSON line."""
     import jax
+    import safetensors.flax  # noqa: F401  (imports are part of the baseline, for every method)
     from flax import nnx
+
+    import bridge  # noqa: F401
 
     jax.numpy.zeros(()).block_until_ready()
     template = nnx.eval_shape(lambda: build_model(layers, dtype, nnx.Rngs(0)))

@@ -232,11 +232,23 @@ def to_jax(value: Any, sharding: jax.sharding.Sharding | None = None) -> Any:
     if sharding is not None and len(sharding.device_set) > 1:
         shape = tuple(np.shape(value))
         return jax.make_array_from_callback(
-            shape, sharding, lambda index: read_slice(value, index, view=True)
+            shape, sharding, lambda index: _unaliased(read_slice(value, index, view=True))
         )
     if isinstance(value, jax.Array):
         return value
-    return jnp.array(read_slice(value, view=True), copy=True)  # jax copies into its buffer
+    array = read_slice(value, view=True)
+    if array.flags.c_contiguous:
+        placed = jnp.array(array, copy=True)
+    else:  # strided (a transposed view of a file): jax copies it in one pass
+        placed = jax.device_put(array)
+    # one tensor at a time: queued transfers would each hold a staging copy meanwhile
+    return placed.block_until_ready()
+
+
+def _unaliased(array: np.ndarray) -> np.ndarray:
+    """What jax may take without copying: on the CPU it aliases a contiguous numpy
+    buffer, which must not be a file's map; a strided view it copies anyway."""
+    return np.array(array) if array.flags.c_contiguous else array
 
 
 def cast_floating(flat: FlatState, dtype: Any) -> FlatState:
