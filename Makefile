@@ -10,7 +10,7 @@ TORCH_PIN := torch==2.13.0
 FLAX_MIN := flax==0.12.1
 FLAX_MIN_VENV := .venv-flax-min
 
-.PHONY: demo test test-flax-min lint clean
+.PHONY: demo test test-flax-min lint bench bench-large clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,16 @@ test: $(BIN)/.installed test-flax-min
 test-flax-min: $(FLAX_MIN_VENV)/bin/.installed
 	$(FLAX_MIN_VENV)/bin/python -m pytest -q -p no:cacheprovider -m flax_compat \
 		$(shell grep -l "pytest.mark.flax_compat" tests/test_*.py)
+
+# Speed and memory against the common recipes and the floor (benchmarks/RESULTS.md).
+bench: $(BIN)/.installed
+	$(BIN)/python benchmarks/bench_load.py --size-gb 1.0 --record
+
+# A checkpoint of about 60% of this machine's memory, in 1 GB shards: a loader holding
+# two copies cannot load it. Not part of CI.
+bench-large: $(BIN)/.installed
+	$(BIN)/python benchmarks/bench_load.py --methods bridge --dtypes float32 --shard-gb 1 \
+		--size-gb $$($(BIN)/python -c "import os; print(round(0.6 * os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 1e9, 1))")
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .

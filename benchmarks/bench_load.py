@@ -95,8 +95,10 @@ def build_model(layers: int, dtype: str, rngs):
     return Llama(rngs)
 
 
-def generate(path: Path, layers: int, dtype: str) -> int:
-    """Write the checkpoint tensor by tensor (torch layout); returns its bytes."""
+def generate(path: Path, layers: int, dtype: str, shard_gb: float | None = None) -> int:
+    """Write the checkpoint (torch layout); returns its bytes. With `shard_gb`, `path` is
+    a directory of HF-style shards written one at a time, so that generating a
+    checkpoint near the machine's memory never holds more than one shard."""
     import ml_dtypes
     from safetensors.numpy import save_file
 
@@ -114,12 +116,36 @@ def generate(path: Path, layers: int, dtype: str) -> int:
                 tensors[f"{prefix}.{block}.{name}.weight"] = (o, i)
         tensors[f"{prefix}.input_layernorm.weight"] = (HIDDEN,)
         tensors[f"{prefix}.post_attention_layernorm.weight"] = (HIDDEN,)
-    arrays = {
-        key: rng.standard_normal(shape, np.float32).astype(np_dtype)
-        for key, shape in tensors.items()
-    }
-    save_file(arrays, path, metadata={"format": "pt"})
-    return path.stat().st_size
+    itemsize = np.dtype(np_dtype).itemsize
+    limit = shard_gb * 1e9 if shard_gb else float("inf")
+    shards: list[list[str]] = [[]]
+    size = 0.0
+    for key, shape in tensors.items():
+        if shards[-1] and size + np.prod(shape) * itemsize > limit:
+            shards.append([])
+            size = 0.0
+        shards[-1].append(key)
+        size += np.prod(shape) * itemsize
+    if shard_gb is None:
+        files = [path]
+    else:
+        path.mkdir()
+        files = [
+            path / f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
+        ]
+    weight_map = {}
+    for file, keys in zip(files, shards, strict=True):
+        arrays = {
+            key: rng.standard_normal(tensors[key], np.float32).astype(np_dtype) for key in keys
+        }
+        save_file(arrays, file, metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(keys, file.name)
+        del arrays
+    total = sum(file.stat().st_size for file in files)
+    if shard_gb is not None:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    return total
 
 
 # --- measuring one method in this process ------------------------------------------------
@@ -360,35 +386,34 @@ def measure(method: str, path: Path, layers: int, dtype: str) -> dict | None:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def table(results: dict[str, dict], size: int, bandwidth: float) -> list[str]:
-    floor = min(
-        (results[m] for m in ("floor_numpy", "floor_jax") if results.get(m)),
-        key=lambda r: r["seconds"],
+def row(label: str, result: dict, baseline: dict | None, size: int, unit: str = "") -> str:
+    ratio = f"{result['seconds'] / baseline['seconds']:.2f}{unit}" if baseline else "-"
+    return (
+        f"| {label} | {result['seconds']:.2f} | {ratio} | "
+        f"{result['growth'] / 2**20:,.0f} MiB | {result['growth'] / size:.2f} |"
     )
+
+
+def table(results: dict[str, dict | None], size: int, bandwidth: float) -> list[str]:
+    floors = [results[m] for m in ("floor_numpy", "floor_jax") if results.get(m)]
+    floor = min(floors, key=lambda r: r["seconds"]) if floors else None
     lines = [
         "| method | wall s | x floor | peak RssAnon growth | x checkpoint |",
         "|---|---:|---:|---:|---:|",
     ]
-    for method, label in LABELS.items():
-        result = results.get(method)
-        if result is None:
-            continue
+    lines += [row(label, results[m], floor, size) for m, label in LABELS.items() if results.get(m)]
+    export, save_file = results.get("export_bridge"), results.get("export_save_file")
+    if export and save_file:
+        lines.append(row("export: bridge.save", export, save_file, size, " x save_file"))
         lines.append(
-            f"| {label} | {result['seconds']:.2f} | "
-            f"{result['seconds'] / floor['seconds']:.2f} | "
-            f"{result['growth'] / 2**20:,.0f} MiB | {result['growth'] / size:.2f} |"
+            row(
+                "export: save_file of the same arrays, torch layout",
+                save_file,
+                save_file,
+                size,
+                " x save_file",
+            )
         )
-    export, baseline = results["export_bridge"], results["export_save_file"]
-    lines.append(
-        f"| export: bridge.save | {export['seconds']:.2f} | "
-        f"{export['seconds'] / baseline['seconds']:.2f} x save_file | "
-        f"{export['growth'] / 2**20:,.0f} MiB | {export['growth'] / size:.2f} |"
-    )
-    lines.append(
-        f"| export: save_file (same arrays, torch layout) | {baseline['seconds']:.2f} | "
-        f"1.00 x save_file | {baseline['growth'] / 2**20:,.0f} MiB | "
-        f"{baseline['growth'] / size:.2f} |"
-    )
     lines.append(
         f"\nCheckpoint {size / 1e9:.2f} GB; memcpy {bandwidth / 1e9:.1f} GB/s, so "
         f"copying its bytes once takes {size / bandwidth:.2f} s."
@@ -415,6 +440,7 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--record", action="store_true", help="write benchmarks/RESULTS.md")
+    parser.add_argument("--shard-gb", type=float, help="write HF-style shards of this size")
     parser.add_argument("--run", help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
     parser.add_argument("--layers", type=int, help=argparse.SUPPRESS)
@@ -435,8 +461,8 @@ def main() -> None:
         itemsize = 2 if dtype == "bfloat16" else 4
         layers = layer_count(args.size_gb, itemsize)
         with tempfile.TemporaryDirectory() as workdir:
-            path = Path(workdir) / "model.safetensors"
-            size = generate(path, layers, dtype)
+            path = Path(workdir) / ("model" if args.shard_gb else "model.safetensors")
+            size = generate(path, layers, dtype, args.shard_gb)
             results = {}
             for method in args.methods:
                 results[method] = measure(method, path, layers, dtype)
