@@ -237,10 +237,10 @@ def to_jax(value: Any, sharding: jax.sharding.Sharding | None = None) -> Any:
     if isinstance(value, jax.Array):
         return value
     array = read_slice(value, view=True)
-    if array.flags.c_contiguous:
-        placed = jnp.array(array, copy=True)
-    else:  # strided (a transposed view of a file): jax copies it in one pass
-        placed = jax.device_put(array)
+    # A contiguous view of a file's map must be copied (jax would alias it on the CPU);
+    # a strided one (a transposed kernel) jax copies itself, in one pass.
+    contiguous = array.flags.c_contiguous
+    placed = jnp.array(array, copy=True) if contiguous else jax.device_put(array)
     # one tensor at a time: queued transfers would each hold a staging copy meanwhile
     return placed.block_until_ready()
 

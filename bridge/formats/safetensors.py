@@ -27,6 +27,7 @@ from safetensors.numpy import save_file
 from bridge.atomic import atomic_output
 from bridge.errors import FormatError
 from bridge.graph import Context, register_conversion, register_format
+from bridge.progress import track
 from bridge.tree import FlatState, LazyArray, Leaf, as_numpy, dotted, parse_dotted
 
 SINGLE_FILE = "model.safetensors"
@@ -386,10 +387,10 @@ def _materialized(key: str, value: Any) -> np.ndarray:
     return array if array.flags.c_contiguous else array.copy(order="C")
 
 
-def _save(file: Path, leaves: Mapping[str, Leaf], shown_as: Path) -> None:
+def _save(file: Path, leaves: Mapping[str, Leaf], shown_as: Path, ctx: Context) -> None:
     """One file; only its tensors are in memory at once."""
-
-    arrays = {key: _materialized(key, leaf.value) for key, leaf in leaves.items()}
+    keyed = {(key,): leaf for key, leaf in leaves.items()}
+    arrays = {key: _materialized(key, leaf.value) for (key,), leaf in track(keyed, ctx, "saving")}
     try:
         save_file(arrays, file, metadata=FILE_METADATA)
     except SafetensorError as exc:
@@ -437,7 +438,7 @@ def write(flat: FlatState, ctx: Context) -> Path:
                 f"{target}: max_shard_size shards into a directory; give a directory path"
             )
         with atomic_output(target, overwrite=overwrite) as temp:
-            _save(temp, leaves, target)
+            _save(temp, leaves, target, ctx)
         return target
 
     sizes = {key: leaf.nbytes for key, leaf in leaves.items()}
@@ -445,7 +446,7 @@ def write(flat: FlatState, ctx: Context) -> Path:
     layout = shard_layout(sizes, limit)
     with atomic_output(target, overwrite=overwrite, directory=True) as temp:
         for name, keys in layout.items():
-            _save(temp / name, {key: leaves[key] for key in keys}, target / name)
+            _save(temp / name, {key: leaves[key] for key in keys}, target / name, ctx)
         if len(layout) > 1:
             index = {
                 "metadata": {"total_size": sum(sizes.values())},
