@@ -42,7 +42,7 @@ bench: $(BIN)/.installed
 # A checkpoint of about 60% of this machine's memory, in 1 GB shards: a loader holding
 # two copies cannot load it. Not part of CI.
 bench-large: $(BIN)/.installed
-	$(BIN)/python benchmarks/bench_load.py --methods bridge --dtypes float32 --shard-gb 1 \
+	$(BIN)/python benchmarks/bench_load.py --methods bridge --dtypes float32 --shard-gb 1 --repeat 1 \
 		--size-gb $$($(BIN)/python -c "import os; print(round(0.6 * os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 1e9, 1))")
 
 lint: $(BIN)/.installed
