@@ -469,9 +469,10 @@ def _is_key_dtype(dtype: Any) -> bool:
 
 def _restore_args(entry: _Entry, like: Leaf | None) -> ocp.RestoreArgs:
     """How one array is restored: PRNG keys as jax arrays (Orbax re-wraps them), onto the
-    template's sharding or the host; an array whose template leaf has a sharding and the
-    same shape and dtype, onto that sharding; anything else as numpy on the host (a leaf
-    that does not fit its template is left for the matcher to report)."""
+    template's sharding or the host; an array whose template leaf has the same shape and
+    dtype, straight into a jax array on the template's sharding (the default device if it
+    has none), so the writer need not copy it again; anything else as numpy on the host
+    (a leaf that does not fit its template is left for the matcher to report)."""
     sharding = getattr(like.value, "sharding", None) if like is not None else None
     if entry.is_key or (like is not None and _is_key_dtype(like.dtype)):
         return ocp.ArrayRestoreArgs(
@@ -479,11 +480,11 @@ def _restore_args(entry: _Entry, like: Leaf | None) -> ocp.RestoreArgs:
             sharding=sharding or jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0]),
         )
     if (
-        sharding is not None
-        and like is not None
+        like is not None
         and (like.shape, like.dtype) == (entry.leaf.shape, entry.leaf.dtype)
         and not entry.is_scalar
     ):
+        sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
         return ocp.ArrayRestoreArgs(restore_type=jax.Array, sharding=sharding)
     return ocp.RestoreArgs(restore_type=np.ndarray)
 
@@ -514,6 +515,23 @@ def _restore_item(
     return {stored: value for stored, value in _flatten(restored) if stored in wanted}
 
 
+BATCH_BYTES = 256 * 2**20
+"""Arrays restored per Orbax call: Orbax stages every array of a call in host memory at
+once, so restoring in batches bounds the staging to a batch instead of the model."""
+
+
+def _batches(entries: list[_Entry]) -> list[list[_Entry]]:
+    batches: list[list[_Entry]] = [[]]
+    size = 0
+    for entry in entries:
+        if batches[-1] and size + entry.leaf.nbytes > BATCH_BYTES:
+            batches.append([])
+            size = 0
+        batches[-1].append(entry)
+        size += entry.leaf.nbytes
+    return [batch for batch in batches if batch]
+
+
 def read(obj: str | os.PathLike[str], ctx: Context) -> FlatState:
     """Restore the checkpoint's arrays (those `only=` selects): into the template's
     shardings where it gives them, as numpy arrays on the host otherwise. Everything is
@@ -522,12 +540,11 @@ def read(obj: str | os.PathLike[str], ctx: Context) -> FlatState:
     template = {match_key(path): leaf for path, leaf in (ctx.template_flat or {}).items()}
     values: dict[tuple[str, StoredPath], Any] = {}
     for item, directory in scan.checkpoint.items.items():
-        wanted = {
-            entry.stored: _restore_args(entry, template.get(match_key(entry.path)))
-            for entry in scan.entries
-            if entry.item == item
-        }
-        if wanted:
+        for batch in _batches([entry for entry in scan.entries if entry.item == item]):
+            wanted = {
+                entry.stored: _restore_args(entry, template.get(match_key(entry.path)))
+                for entry in batch
+            }
             restored = _restore_item(directory, scan.trees[item], wanted)
             values.update({(item, stored): value for stored, value in restored.items()})
     return {
