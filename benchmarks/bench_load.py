@@ -220,12 +220,11 @@ def method_bridge(path: Path, template, layers: int, dtype: str):
     return bridge.convert(path, to="nnx", template=template, progress=False)
 
 
-def method_eager(path: Path, template, layers: int, dtype: str):
+def assign_all(path: Path, model):
+    """The per-key loop users write: load_file, then transpose and set each tensor."""
     import jax.numpy as jnp
-    from flax import nnx
     from safetensors.flax import load_file
 
-    model = build_model(layers, dtype, nnx.Rngs(0))
     kernels = kernel_paths(model)
     for key, value in load_file(path).items():
         name, transpose = flax_name(key, kernels)
@@ -233,15 +232,14 @@ def method_eager(path: Path, template, layers: int, dtype: str):
     return model
 
 
-def method_abstract(path: Path, template, layers: int, dtype: str):
-    import jax.numpy as jnp
-    from safetensors.flax import load_file
+def method_eager(path: Path, template, layers: int, dtype: str):
+    from flax import nnx
 
-    kernels = kernel_paths(template)
-    for key, value in load_file(path).items():
-        name, transpose = flax_name(key, kernels)
-        assign(template, name, jnp.asarray(value.T if transpose else value))
-    return template
+    return assign_all(path, build_model(layers, dtype, nnx.Rngs(0)))
+
+
+def method_abstract(path: Path, template, layers: int, dtype: str):
+    return assign_all(path, template)
 
 
 def method_floor_numpy(path: Path, template, layers: int, dtype: str):
