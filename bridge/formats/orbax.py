@@ -51,6 +51,7 @@ from flax.nnx import variablelib
 from bridge.atomic import atomic_output
 from bridge.errors import FormatError
 from bridge.graph import Context, register_conversion, register_format
+from bridge.progress import track
 from bridge.tree import MESH, FlatState, Leaf, as_numpy, dotted, match_key, normalize_metadata
 from bridge.tree import Path as TreePath
 
@@ -662,9 +663,10 @@ def _layout(
         ctx.report.notes.append(
             f"metadata not stored (not JSON-serialisable): {'; '.join(unstorable)}"
         )
-    arrays = {
-        parts: _array(key, leaf.value)
-        for (parts, _, key), leaf in zip(stored, flat.values(), strict=True)
+    names = dict(zip(flat, stored, strict=True))
+    arrays = {  # lazy sources (a file being converted) are read here, tensor by tensor
+        names[path][0]: _array(names[path][2], leaf.value)
+        for path, leaf in track(flat, ctx, "reading")
     }
     return arrays, leaves
 
