@@ -63,8 +63,9 @@ def _run(
         raise TypeError(
             f"unknown option(s) {unknown} for {src} -> {to}; known: {sorted(known) or 'none'}"
         )
-    if template is not None:
-        ctx.template_flat = GRAPH.format(GRAPH.detect(template)).read(template, ctx)
+    if template is not None:  # a file template gives its skeleton: no array data read
+        template_format = GRAPH.format(GRAPH.detect(template))
+        ctx.template_flat = (template_format.inspect or template_format.read)(template, ctx)
     read = (src_format.inspect or src_format.read) if dry else src_format.read
     flat = {
         path: leaf.replace(source=src_format.spell(path, leaf))
