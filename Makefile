@@ -10,13 +10,13 @@ TORCH_PIN := torch==2.13.0
 FLAX_MIN := flax==0.12.1
 FLAX_MIN_VENV := .venv-flax-min
 
-.PHONY: demo test test-flax-min lint bench bench-large clean
+.PHONY: demo test test-flax-min lint docs bench bench-large clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_PIN)
-	$(BIN)/pip install -q -e '.[torch,dev]'
+	$(BIN)/pip install -q -e '.[torch,dev,docs]'
 	touch $@
 
 $(FLAX_MIN_VENV)/bin/.installed: pyproject.toml
@@ -44,6 +44,9 @@ bench: $(BIN)/.installed
 bench-large: $(BIN)/.installed
 	$(BIN)/python benchmarks/bench_load.py --methods bridge --dtypes float32 --shard-gb 1 --repeat 1 \
 		--size-gb $$($(BIN)/python -c "import os; print(round(0.6 * os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 1e9, 1))")
+
+docs: $(BIN)/.installed
+	$(BIN)/mkdocs build --strict
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .

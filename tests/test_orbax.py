@@ -535,3 +535,12 @@ def test_not_a_checkpoint_and_bad_options_are_refused(tmp_path):
         FORMAT.read(str(tmp_path / "empty"), Context(options={"step": "3"}))
     with pytest.raises(FormatError, match="needs path="):
         FORMAT.write({("w",): Leaf(np.ones(2))}, Context())
+
+
+def test_save_to_a_relative_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    linear = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+    written = bridge.save(linear, "ckpt", format="orbax")
+    assert written == tmp_path / "ckpt"
+    state = bridge.convert("ckpt", to="nnx_state")
+    np.testing.assert_array_equal(state["kernel"].get_value(), linear.kernel.get_value())

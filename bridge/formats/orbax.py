@@ -408,7 +408,7 @@ def _selector(only: Any, entries: list[_Entry]) -> Callable[[_Entry], bool]:
 
 def _scan(obj: Any, ctx: Context) -> _Scan:
     """Locate the checkpoint and read its metadata: keys, shapes, dtypes, description."""
-    checkpoint = _locate(Path(os.fspath(obj)), ctx.options.get("step"))
+    checkpoint = _locate(Path(os.fspath(obj)).absolute(), ctx.options.get("step"))
     trees = {item: _tree_metadata(directory) for item, directory in checkpoint.items.items()}
     where = checkpoint.directory
     entries, empty, not_arrays = _entries(trees, _description(checkpoint), ctx, where)
@@ -691,7 +691,7 @@ def write(flat: FlatState, ctx: Context) -> Path:
     """
     if ctx.options.get("path") is None:
         raise FormatError("writing an Orbax checkpoint needs path=... (a directory)")
-    target = Path(os.fspath(ctx.options["path"]))
+    target = Path(os.fspath(ctx.options["path"])).absolute()  # Orbax wants absolute paths
     collection_first = ctx.source in COLLECTION_FIRST_SOURCES
     arrays, leaves = _layout(flat, ctx, collection_first)
     description = {
