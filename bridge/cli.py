@@ -376,6 +376,9 @@ def _root(
 
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Write JSON on stdout (for scripts).")]
+SrcArg = Annotated[
+    str, typer.Argument(metavar="SRC", help="The source file or checkpoint directory.")
+]
 ToOpt = Annotated[str, typer.Option("--to", "-t", help="The target format (see `bridge formats`).")]
 TemplateOpt = Annotated[
     str | None,
@@ -544,9 +547,7 @@ def _plan_json(found: bridge.Plan) -> dict[str, Any]:
     "  bridge plan ckpt/ --to torch --rules rules.toml --json\n\n" + RULES_HELP,
 )
 def plan(
-    src: Annotated[
-        str, typer.Argument(metavar="SRC", help="The source file or checkpoint directory.")
-    ],
+    src: SrcArg,
     to: ToOpt,
     template: TemplateOpt = None,
     rules: RulesOpt = None,
@@ -615,9 +616,7 @@ def _save_torch(state: dict[str, Any], dst: str, overwrite: bool) -> pathlib.Pat
     "  bridge convert ckpt/ model.pt --to torch --template models.py:torch_model\n\n" + RULES_HELP,
 )
 def convert(
-    src: Annotated[
-        str, typer.Argument(metavar="SRC", help="The source file or checkpoint directory.")
-    ],
+    src: SrcArg,
     dst: Annotated[str, typer.Argument(metavar="DST", help="The output file or directory.")],
     to: ToOpt,
     template: TemplateOpt = None,
