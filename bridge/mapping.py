@@ -12,7 +12,7 @@ import dataclasses
 import difflib
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bridge.errors import MismatchError
 from bridge.tree import (
@@ -27,6 +27,9 @@ from bridge.tree import (
     stack,
     take,
 )
+
+if TYPE_CHECKING:
+    from bridge.graph import Context
 
 
 class KeyTemplate:
@@ -445,3 +448,11 @@ def match(
             )
         )
     return out
+
+
+def drop_transient(flat: FlatState, ctx: Context) -> FlatState:
+    """The lossy step into a format that cannot hold transient state (NNX RNG keys and
+    counts: Linen, msgpack); the way back takes it from the template. Reported as
+    dropped, never silently."""
+    ctx.report.dropped.extend(leaf.source for leaf in flat.values() if leaf.transient)
+    return {path: leaf for path, leaf in flat.items() if not leaf.transient}

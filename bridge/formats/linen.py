@@ -18,6 +18,7 @@ from flax.nnx.bridge.variables import NNXMeta
 
 from bridge.errors import FormatError
 from bridge.graph import Context, register_conversion, register_format
+from bridge.mapping import drop_transient
 from bridge.progress import track
 from bridge.tree import (
     MESH,
@@ -95,12 +96,6 @@ def write_linen(flat: FlatState, ctx: Context) -> dict[str, Any]:
             "(partitioning, ...); pass boxed=True to keep it"
         )
     return unflatten_mapping(out)
-
-
-def drop_transient(flat: FlatState, ctx: Context) -> FlatState:
-    """The lossy step into Linen: RNG state has no Linen counterpart."""
-    ctx.report.dropped.extend(leaf.source for leaf in flat.values() if leaf.transient)
-    return {path: leaf for path, leaf in flat.items() if not leaf.transient}
 
 
 def spell(path: Path, leaf: Leaf) -> str:

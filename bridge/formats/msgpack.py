@@ -33,6 +33,7 @@ from flax.nnx import variablelib
 from bridge.atomic import atomic_output
 from bridge.errors import FormatError
 from bridge.graph import Context, register_conversion, register_format
+from bridge.mapping import drop_transient
 from bridge.tree import FlatState, Leaf, Path, as_numpy, by_collection, linen_path
 
 SUFFIX = ".msgpack"
@@ -252,13 +253,6 @@ def write(flat: FlatState, ctx: Context) -> bytes | FilePath:
     with atomic_output(target, overwrite=bool(ctx.options.get("overwrite"))) as temp:
         temp.write_bytes(_serialize(flat, ctx))
     return target
-
-
-def drop_transient(flat: FlatState, ctx: Context) -> FlatState:
-    """The lossy step into msgpack: RNG keys are no arrays Flax can store; the way back
-    re-creates them from the template."""
-    ctx.report.dropped.extend(leaf.source for leaf in flat.values() if leaf.transient)
-    return {path: leaf for path, leaf in flat.items() if not leaf.transient}
 
 
 def spell(path: Path, leaf: Leaf) -> str:

@@ -51,6 +51,7 @@ from flax.nnx import variablelib
 from bridge.atomic import atomic_output
 from bridge.errors import FormatError
 from bridge.graph import Context, register_conversion, register_format
+from bridge.mapping import drop_transient
 from bridge.progress import track
 from bridge.tree import MESH, FlatState, Leaf, as_numpy, dotted, match_key, normalize_metadata
 from bridge.tree import Path as TreePath
@@ -745,12 +746,6 @@ def detect(obj: Any) -> float:
         return 0.0
 
 
-def _drop_transient(flat: FlatState, ctx: Context) -> FlatState:
-    """RNG state a checkpoint may hold has no Linen counterpart."""
-    ctx.report.dropped.extend(leaf.source for leaf in flat.values() if leaf.transient)
-    return {path: leaf for path, leaf in flat.items() if not leaf.transient}
-
-
 register_format(
     "orbax",
     detect=detect,
@@ -763,6 +758,6 @@ register_format(
 register_conversion("orbax", "nnx_state", cost=1.0)
 register_conversion("nnx_state", "orbax", cost=1.0, needs={"path"})
 register_conversion(
-    "orbax", "linen", cost=1.0, lossy=True, loses="NNX RNG state", transform=_drop_transient
+    "orbax", "linen", cost=1.0, lossy=True, loses="NNX RNG state", transform=drop_transient
 )
 register_conversion("linen", "orbax", cost=1.0, needs={"path"})
