@@ -78,6 +78,7 @@ from rich.table import Table
 from rich.tree import Tree
 
 import bridge
+from bridge.atomic import atomic_output
 from bridge.errors import BridgeError, MismatchError, OutputExistsError
 from bridge.graph import GRAPH, Context, Edge
 from bridge.mapping import Merge, Report, Split, Stack, Unstack
@@ -165,10 +166,10 @@ def _errors() -> Iterator[None]:
 
 
 def _existing(path: str) -> str:
-    """`path` made absolute (Orbax refuses relative paths); a usage error if absent."""
+    """`path`, or a usage error if there is nothing there."""
     if not os.path.exists(path):
         raise UsageError(f"no such file or directory: {path!r}")
-    return os.path.abspath(path)
+    return path
 
 
 def _edge_json(edge: Edge) -> dict[str, Any]:
@@ -596,16 +597,9 @@ def plan(
 def _save_torch(state: dict[str, Any], dst: str, overwrite: bool) -> pathlib.Path:
     import torch
 
-    target = pathlib.Path(dst)
-    if target.exists() and not overwrite:
-        raise OutputExistsError(f"{dst} exists; pass --overwrite to replace it")
-    temp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_output(dst, overwrite=overwrite) as temp:
         torch.save(state, temp)
-        os.replace(temp, target)
-    finally:
-        temp.unlink(missing_ok=True)
-    return target
+    return pathlib.Path(dst)
 
 
 @app.command(
@@ -649,12 +643,11 @@ def convert(
             raise OutputExistsError(f"{dst} exists; pass --overwrite to replace it")
         kwargs = _options(template, rules, modules, dtype, strict)
         if not torch_file:
-            # absolute: Orbax refuses relative checkpoint paths
-            kwargs.update(path=os.path.abspath(dst), overwrite=overwrite)
+            kwargs.update(path=dst, overwrite=overwrite)
         result = bridge.convert(source, to=to, **kwargs)
         result, report = result if not strict else (result, Report())
         written = _save_torch(result, dst, overwrite) if torch_file else pathlib.Path(dst)
-        found = bridge.inspect(os.path.abspath(written))
+        found = bridge.inspect(written)
         if as_json:
             _dump(
                 {
@@ -678,9 +671,8 @@ def _read_flat(path: str, other: str, modules: dict[str, str] | None) -> tuple[s
     """`{match_key: leaf}` of a file; a Flax-side file meeting a torch-side one is
     converted to a torch state_dict first (Flax roles make that direction unambiguous),
     so that layouts and names meet."""
-    name = bridge.detect(_existing(path))
     obj: Any = _existing(path)
-    fmt = name
+    name = fmt = bridge.detect(obj)
     if name not in TORCH_SIDE and bridge.detect(_existing(other)) in TORCH_SIDE:
         kwargs = {"modules": modules} if modules else {}
         obj, fmt = bridge.convert(obj, to="torch", **kwargs), "torch"
@@ -709,9 +701,9 @@ def _compare(a: Any, b: Any, rtol: float, atol: float) -> tuple[bool, float]:
     short_help="What differs between two states (exit 1 if any).",
     epilog="Examples:\n\n  bridge diff model.safetensors exported.safetensors\n\n"
     "  bridge diff model.safetensors ckpt/ --atol 1e-6 --json\n\n"
-    "Keys are compared independently of spelling (layers.0 meets layers_0); a torch-side "
-    "file (torch, safetensors) compared with a Flax-side one is first converted to Flax "
-    "layout.",
+    "Keys are compared independently of spelling (layers.0 meets layers_0); a Flax-side "
+    "file (orbax, msgpack) compared with a torch-side one (torch, safetensors) is first "
+    "converted to a torch state_dict.",
 )
 def diff(
     a: Annotated[str, typer.Argument(metavar="A", help="The first file or checkpoint.")],
