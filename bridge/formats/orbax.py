@@ -53,7 +53,16 @@ from bridge.errors import FormatError
 from bridge.graph import Context, register_conversion, register_format
 from bridge.mapping import drop_transient
 from bridge.progress import track
-from bridge.tree import MESH, FlatState, Leaf, as_numpy, dotted, match_key, normalize_metadata
+from bridge.tree import (
+    MESH,
+    FlatState,
+    Leaf,
+    as_numpy,
+    dotted,
+    match_key,
+    normalize_metadata,
+    unflatten_mapping,
+)
 from bridge.tree import Path as TreePath
 
 DESCRIPTION_KEY = "bridge"
@@ -701,7 +710,7 @@ def write(flat: FlatState, ctx: Context) -> Path:
         "layout": "collection-first" if collection_first else "module-first",
         "leaves": leaves,
     }
-    tree = _nest(arrays)
+    tree = unflatten_mapping(arrays)  # keys checked by _check_keys
     overwrite = bool(ctx.options.get("overwrite")) or _is_empty_dir(target)
     with atomic_output(target, overwrite=overwrite) as temp:
         try:
@@ -712,16 +721,6 @@ def write(flat: FlatState, ctx: Context) -> Path:
                 shutil.rmtree(leftover, ignore_errors=True)
             raise FormatError(f"{target}: Orbax could not save the checkpoint: {exc}") from exc
     return target
-
-
-def _nest(arrays: Mapping[StoredPath, Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for parts, value in arrays.items():
-        node = tree
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-    return tree
 
 
 # --- detection and registration ---------------------------------------------------------
