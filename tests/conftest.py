@@ -96,3 +96,14 @@ def assert_same_arrays(a, b) -> None:
     a, b = np.asarray(a), np.asarray(b)
     assert a.dtype == b.dtype and a.shape == b.shape
     assert a.tobytes() == b.tobytes()
+
+
+def assert_state_dicts_equal(ours, expected) -> None:
+    """Same keys, and per key the same dtype, shape and values (torch tensors)."""
+    import torch  # here: the flax-min CI run has no torch and never calls this
+
+    assert set(ours) == set(expected)
+    for key, tensor in expected.items():
+        assert ours[key].dtype == tensor.dtype, key
+        assert ours[key].shape == tensor.shape, key
+        assert torch.equal(ours[key], tensor), key

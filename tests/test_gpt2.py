@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from conftest import assert_state_dicts_equal
 from flax import nnx
 from nnx_gpt2 import CONV1D_MODULES, Gpt2LMHead
 
@@ -67,10 +68,7 @@ def test_from_the_state_dict_needs_to_be_told_about_conv1d(hf_model):
 def test_export_round_trip_is_bit_exact(hf_model):
     model = bridge.convert(hf_model, to="nnx", template=template())
     state = bridge.convert(model, to="torch", template=hf_model)
-    original = hf_model.state_dict()
-    assert set(state) == set(original)
-    for key, tensor in original.items():
-        assert state[key].dtype == tensor.dtype and torch.equal(state[key], tensor), key
+    assert_state_dicts_equal(state, hf_model.state_dict())
     assert state["lm_head.weight"] is state["transformer.wte.weight"]  # still tied
     fresh = transformers.GPT2LMHeadModel(CONFIG)
     fresh.load_state_dict(state, strict=True)

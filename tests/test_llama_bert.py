@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from conftest import assert_state_dicts_equal
 from flax import nnx
 
 import bridge
@@ -124,14 +125,6 @@ def source_of(given: str, model: torch.nn.Module, directory: str):
         return model.state_dict()
     importlib.import_module("bridge.formats.safetensors")  # registers the format
     return directory
-
-
-def assert_state_dicts_equal(ours, expected) -> None:
-    assert set(ours) == set(expected)
-    for key, tensor in expected.items():
-        assert ours[key].dtype == tensor.dtype, key
-        assert ours[key].shape == tensor.shape, key
-        assert torch.equal(ours[key], tensor), key
 
 
 @pytest.mark.parametrize("given", SOURCES)

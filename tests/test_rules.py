@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import assert_same_arrays
+from conftest import assert_same_arrays, assert_state_dicts_equal
 from flax import nnx
 
 import bridge
@@ -105,8 +105,7 @@ def test_stack_per_layer_tensors_into_a_scanned_model_and_back():
     )
 
     back = bridge.convert(model, to="torch", template=torch_model, rules=[STACK.inverse()])
-    for key, tensor in torch_model.state_dict().items():
-        assert torch.equal(back[key], tensor), key
+    assert_state_dicts_equal(back, torch_model.state_dict())
 
     # the state_dict alone does not say the layers are Linear: tell it
     state = torch_model.state_dict()

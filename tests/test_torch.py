@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import assert_same_arrays
+from conftest import assert_same_arrays, assert_state_dicts_equal
 from flax import nnx
 
 import bridge
@@ -103,13 +103,6 @@ def trained_torch_cnn() -> TorchCnn:
 def images() -> tuple[torch.Tensor, jax.Array]:
     x = torch.randn(2, 3, 9, 9, generator=torch.Generator().manual_seed(1))
     return x, jnp.asarray(x.numpy().transpose(0, 2, 3, 1))
-
-
-def assert_state_dicts_equal(a, b) -> None:
-    assert list(a) == list(b) or set(a) == set(b)
-    for key in a:
-        assert a[key].dtype == b[key].dtype, key
-        assert torch.equal(a[key], b[key]), key
 
 
 @pytest.mark.parametrize("given", ["module", "state_dict"])
