@@ -54,10 +54,6 @@ class LazyArray:
         array = self.read()
         return array if dtype is None else array.astype(dtype, copy=False)
 
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
     def __repr__(self) -> str:
         return f"{type(self).__name__}(shape={self.shape}, dtype={self.dtype})"
 
