@@ -6,8 +6,10 @@ rules live elsewhere. Reading parses the headers here, not with the `safetensors
 package, whose numpy loader knows neither bfloat16 nor float8: it validates every
 header completely before returning, and returns lazy arrays that read only the bytes an
 index asks for, so reading needs neither torch nor the `safetensors` package. Writing
-uses `safetensors.numpy.save_file` and lays shards out as `transformers`'
-`save_pretrained` does, so `from_pretrained` loads the directory.
+streams: the header is laid out as `safetensors.numpy.save_file` lays it out (the same
+bytes, tested), then each tensor is made, written and released in turn, where `save_file`
+needs every array of the file in memory at once. Shards are laid out as `transformers`'
+`save_pretrained` lays them out, so `from_pretrained` loads the directory.
 """
 
 from __future__ import annotations
@@ -15,14 +17,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import struct
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import ml_dtypes
 import numpy as np
-from safetensors import SafetensorError
-from safetensors.numpy import save_file
 
 from bridge.atomic import atomic_output
 from bridge.errors import FormatError
@@ -45,26 +46,28 @@ DTYPES: dict[str, np.dtype] = {
         "BOOL": np.bool_,
         "U8": np.uint8,
         "I8": np.int8,
-        "U16": np.uint16,
-        "I16": np.int16,
-        "U32": np.uint32,
-        "I32": np.int32,
-        "U64": np.uint64,
-        "I64": np.int64,
-        "F16": np.float16,
-        "BF16": ml_dtypes.bfloat16,
-        "F32": np.float32,
-        "F64": np.float64,
-        "C64": np.complex64,
-        "F8_E4M3": ml_dtypes.float8_e4m3fn,
         "F8_E5M2": ml_dtypes.float8_e5m2,
+        "F8_E4M3": ml_dtypes.float8_e4m3fn,
+        "F8_E8M0": ml_dtypes.float8_e8m0fnu,
         "F8_E4M3FNUZ": ml_dtypes.float8_e4m3fnuz,
         "F8_E5M2FNUZ": ml_dtypes.float8_e5m2fnuz,
-        "F8_E8M0": ml_dtypes.float8_e8m0fnu,
+        "I16": np.int16,
+        "U16": np.uint16,
+        "F16": np.float16,
+        "BF16": ml_dtypes.bfloat16,
+        "I32": np.int32,
+        "U32": np.uint32,
+        "F32": np.float32,
+        "C64": np.complex64,
+        "F64": np.float64,
+        "I64": np.int64,
+        "U64": np.uint64,
     }.items()
 }
-"""safetensors dtype codes and the numpy dtypes (ml_dtypes for bf16 and fp8) they hold."""
+"""safetensors dtype codes and the numpy dtypes (ml_dtypes for bf16 and fp8) they hold, in
+the order of the library's `Dtype` enum, by which it sorts a file's tensors."""
 _CODES = {dtype: code for code, dtype in DTYPES.items()}
+_RANKS = {code: rank for rank, code in enumerate(DTYPES)}
 
 SIZE_UNITS = {"TB": 10**12, "GB": 10**9, "MB": 10**6, "KB": 10**3}
 """`max_shard_size` units, decimal as `huggingface_hub` spells them."""
@@ -378,23 +381,51 @@ def _checked(flat: FlatState) -> dict[str, Leaf]:
     return leaves
 
 
-def _materialized(key: str, value: Any) -> np.ndarray:
-    """A C-contiguous numpy array of `value`, copied only where needed (`save_file` reads
-    raw memory, and swaps big-endian data itself)."""
-    array = as_numpy(key, value)
-    if _code_of(array.dtype) is None:
+def _little_endian(key: str, leaf: Leaf) -> np.ndarray:
+    """The C-contiguous little-endian array of `leaf`, copied only where needed, checked
+    against the shape and dtype the header already promised."""
+    array = as_numpy(key, leaf.value)
+    code = _code_of(array.dtype)
+    if code is None:
         raise FormatError(f"{key!r}: safetensors cannot hold dtype {array.dtype}")
-    return array if array.flags.c_contiguous else array.copy(order="C")
+    if array.shape != leaf.shape or code != _code_of(leaf.dtype):
+        raise FormatError(
+            f"{key!r}: the value read is {array.dtype}{list(array.shape)}, but the leaf "
+            f"said {leaf.dtype}{list(leaf.shape)}"
+        )
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
 
 
-def _save(file: Path, leaves: Mapping[str, Leaf], shown_as: Path, ctx: Context) -> None:
-    """One file; only its tensors are in memory at once."""
-    keyed = {(key,): leaf for key, leaf in leaves.items()}
-    arrays = {key: _materialized(key, leaf.value) for (key,), leaf in track(keyed, ctx, "saving")}
-    try:
-        save_file(arrays, file, metadata=FILE_METADATA)
-    except SafetensorError as exc:
-        raise FormatError(f"{shown_as}: safetensors refused the tensors: {exc}") from exc
+def _header(leaves: Mapping[str, Leaf]) -> tuple[bytes, list[str]]:
+    """The encoded header and the keys in data order, byte for byte as the library's
+    `prepare` makes them: tensors sorted by descending dtype rank then name, compact
+    JSON, padded with spaces to a multiple of 8 bytes."""
+    codes = {key: _code_of(leaf.dtype) for key, leaf in leaves.items()}
+    order = sorted(leaves, key=lambda key: (-_RANKS[codes[key]], key))
+    entries: dict[str, Any] = {"__metadata__": FILE_METADATA}
+    offset = 0
+    for key in order:
+        size = leaves[key].nbytes
+        entries[key] = {
+            "dtype": codes[key],
+            "shape": list(leaves[key].shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    encoded = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    return struct.pack("<Q", len(encoded)) + encoded, order
+
+
+def _save(file: Path, leaves: Mapping[str, Leaf], ctx: Context) -> None:
+    """One file, one tensor in memory at a time: the header first (shapes and dtypes are
+    known without the data), then each tensor's bytes in header order."""
+    header, order = _header(leaves)
+    keyed = {(key,): leaves[key] for key in order}
+    with open(file, "wb") as out:
+        out.write(header)
+        for (key,), leaf in track(keyed, ctx, "saving"):
+            out.write(_little_endian(key, leaf).reshape(-1).view(np.uint8))
 
 
 def shard_layout(sizes: Mapping[str, int], max_shard_size: float) -> dict[str, list[str]]:
@@ -438,7 +469,7 @@ def write(flat: FlatState, ctx: Context) -> Path:
                 f"{target}: max_shard_size shards into a directory; give a directory path"
             )
         with atomic_output(target, overwrite=overwrite) as temp:
-            _save(temp, leaves, target, ctx)
+            _save(temp, leaves, ctx)
         return target
 
     sizes = {key: leaf.nbytes for key, leaf in leaves.items()}
@@ -446,7 +477,7 @@ def write(flat: FlatState, ctx: Context) -> Path:
     layout = shard_layout(sizes, limit)
     with atomic_output(target, overwrite=overwrite, directory=True) as temp:
         for name, keys in layout.items():
-            _save(temp / name, {key: leaves[key] for key in keys}, target / name, ctx)
+            _save(temp / name, {key: leaves[key] for key in keys}, ctx)
         if len(layout) > 1:
             index = {
                 "metadata": {"total_size": sum(sizes.values())},
