@@ -20,7 +20,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is built locally
 import transformers
 from flax import nnx
-from nnx_gpt2 import CONV1D_MODULES, Gpt2LMHead
+from nnx_gpt2 import CONV1D_MODULES, Gpt2LMHead, tiny_hf_gpt2
 
 import bridge
 
@@ -81,17 +81,8 @@ def nnx_linen_round_trip() -> None:
 
 
 def gpt2_round_trip(workdir: Path) -> None:
-    config = transformers.GPT2Config(
-        n_layer=2,
-        n_embd=64,
-        n_head=4,
-        vocab_size=500,
-        n_positions=64,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    torch.manual_seed(0)
-    hf_model = transformers.GPT2LMHeadModel(config).eval()
+    hf_model = tiny_hf_gpt2()
+    config = hf_model.config
     hf_model.save_pretrained(workdir / "hf")  # model.safetensors + config.json
     ids = np.random.default_rng(0).integers(0, config.vocab_size, (2, 12))
     with torch.no_grad():

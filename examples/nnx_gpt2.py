@@ -1,11 +1,12 @@
 """A GPT-2 in Flax NNX whose attribute names follow HF's `GPT2LMHeadModel`, so that
 `bridge` matches its weights by name, with no key table. The head is tied to the token
-embedding, as in HF."""
+embedding, as in HF. `tiny_hf_gpt2` builds the HF model the recipes convert, offline."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import torch
 import transformers
 from flax import nnx
 
@@ -72,3 +73,19 @@ class Gpt2LMHead(nnx.Module):
         for block in t.h:
             x = block(x)
         return t.wte.attend(t.ln_f(x))
+
+
+def tiny_hf_gpt2(seed: int = 0) -> transformers.GPT2LMHeadModel:
+    """A small HF GPT-2 with random weights, built from a config: what the recipes use in
+    place of a downloaded checkpoint, so that they run offline and in seconds."""
+    config = transformers.GPT2Config(
+        n_layer=2,
+        n_embd=32,
+        n_head=4,
+        vocab_size=97,
+        n_positions=16,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    torch.manual_seed(seed)
+    return transformers.GPT2LMHeadModel(config).eval()

@@ -1,6 +1,8 @@
 """Every Python sample of the documentation runs, and prints what the page shows.
 
-Each page's ```python blocks run in order, in one namespace, in a process of their own
+Pages are read as mkdocs renders them: `--8<--` includes of the examples' code are
+expanded by pymdownx.snippets itself, configured as in mkdocs.yml. Each page's
+```python blocks run in order, in one namespace, in a process of their own
 whose working directory is a fresh temporary directory: a page's samples are
 self-contained and build what they need offline. A ```text block right after a
 ```python block is that block's expected output, compared line by line. The sharded
@@ -20,7 +22,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+import markdown
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -28,6 +32,24 @@ PAGES = sorted(path.relative_to(DOCS).as_posix() for path in DOCS.rglob("*.md"))
 EIGHT_DEVICES = {"recipes/sharded-loading.md"}
 FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
 PAGE_TIMEOUT_S = 120
+EXAMPLES = ROOT / "examples"
+
+
+def _snippets_config() -> dict:
+    """mkdocs.yml's pymdownx.snippets options, with paths made absolute."""
+    extensions = yaml.safe_load((ROOT / "mkdocs.yml").read_text())["markdown_extensions"]
+    (config,) = [entry["pymdownx.snippets"] for entry in extensions if "pymdownx.snippets" in entry]
+    return {**config, "base_path": [str(ROOT / path) for path in config["base_path"]]}
+
+
+def page_text(page: str) -> str:
+    """The page's Markdown with its snippets included, as mkdocs sees it."""
+    renderer = markdown.Markdown(
+        extensions=["pymdownx.snippets"],
+        extension_configs={"pymdownx.snippets": _snippets_config()},
+    )
+    lines = (DOCS / page).read_text().split("\n")
+    return "\n".join(renderer.preprocessors["snippet"].run(lines))
 
 
 def samples(text: str) -> list[tuple[str, str | None]]:
@@ -56,7 +78,7 @@ def _lines(text: str) -> list[str]:
 def run_page(page: str) -> dict:
     """Run one page's samples here (in the calling process); report what happened."""
     namespace: dict = {"__name__": "__main__"}
-    for number, (code, expected) in enumerate(samples((DOCS / page).read_text()), start=1):
+    for number, (code, expected) in enumerate(samples(page_text(page)), start=1):
         out = io.StringIO()
         try:
             with contextlib.redirect_stdout(out):
@@ -112,12 +134,12 @@ def test_every_page_is_in_the_navigation():
 def test_no_python_sample_is_hidden_from_the_runner():
     """Every ```python fence is one the runner executes (none indented, none unclosed)."""
     for page in PAGES:
-        text = (DOCS / page).read_text()
+        text = page_text(page)
         fences = len(re.findall(r"^[ \t]*```python", text, re.MULTILINE))
         assert fences == len(samples(text)), page
 
 
-@pytest.mark.parametrize("page", [p for p in PAGES if samples((DOCS / p).read_text())])
+@pytest.mark.parametrize("page", [p for p in PAGES if samples(page_text(p))])
 def test_page_samples_run(page, results):
     result = results[page].result()
     assert result["ok"], (
@@ -126,6 +148,6 @@ def test_page_samples_run(page, results):
 
 
 if __name__ == "__main__":  # one page, in the process test_page_samples_run starts
-    sys.path.insert(0, str(ROOT))
+    sys.path[:0] = [str(ROOT), str(EXAMPLES)]  # the recipes import the example models
     report = run_page(sys.argv[1])
     print(json.dumps(report))

@@ -9,26 +9,17 @@ import torch
 import transformers
 from conftest import assert_state_dicts_equal
 from flax import nnx
-from nnx_gpt2 import CONV1D_MODULES, Gpt2LMHead
+from nnx_gpt2 import CONV1D_MODULES, Gpt2LMHead, tiny_hf_gpt2
 
 import bridge
 
-CONFIG = transformers.GPT2Config(
-    n_layer=2,
-    n_embd=32,
-    n_head=4,
-    vocab_size=97,
-    n_positions=16,
-    bos_token_id=0,
-    eos_token_id=0,
-)
+CONFIG = tiny_hf_gpt2().config
 IDS = np.array([[5, 17, 3, 88, 42, 9, 61], [1, 2, 3, 4, 5, 6, 7]])
 
 
 @pytest.fixture(scope="module")
 def hf_model() -> transformers.GPT2LMHeadModel:
-    torch.manual_seed(0)
-    return transformers.GPT2LMHeadModel(CONFIG).eval()
+    return tiny_hf_gpt2()
 
 
 def hf_logits(model: transformers.GPT2LMHeadModel) -> np.ndarray:

@@ -2,39 +2,17 @@
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 from flax import nnx, serialization
-from flax.training import train_state
+from linen_checkpoint_to_nnx import LinenMlp, NnxMlp, TrainState  # the recipe's models
 
 import bridge
 
 STEPS = 3
-
-
-class LinenMlp(nn.Module):
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        x = nn.relu(nn.Dense(8, name="layers_0")(x))
-        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, name="bn")(x)
-        return nn.Dense(2, name="layers_1")(x)
-
-
-class NnxMlp(nnx.Module):
-    def __init__(self, rngs: nnx.Rngs) -> None:
-        self.layers = nnx.List([nnx.Linear(3, 8, rngs=rngs), nnx.Linear(8, 2, rngs=rngs)])
-        self.bn = nnx.BatchNorm(8, momentum=0.9, rngs=rngs)
-
-    def __call__(self, x):
-        return self.layers[1](self.bn(nnx.relu(self.layers[0](x))))
-
-
-class TrainState(train_state.TrainState):
-    batch_stats: dict
 
 
 def batches(count: int):
