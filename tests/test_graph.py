@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -139,3 +140,19 @@ def test_progress_bar_counts_bytes_and_is_off_when_not_a_terminal(capsys):
     total = bridge.plan(model, to="linen").nbytes
     final = bar.rstrip().rsplit("\r", 1)[-1]
     assert final.startswith("loading: 100%") and f"{total}/{total}" in final, final
+
+
+@pytest.mark.parametrize(
+    ("format", "name", "verb"),
+    [
+        ("safetensors", "m.safetensors", "saving"),
+        ("msgpack", "m.msgpack", "reading"),
+        ("orbax", "ckpt", "reading"),
+    ],
+)
+def test_saves_show_a_bar_over_every_tensor(capsys, tmp_path, format, name, verb):
+    model = nnx.Linear(4, 6, rngs=nnx.Rngs(0))  # 120 bytes: tqdm prints them unscaled
+    total = sum(array.nbytes for array in jax.tree.leaves(nnx.state(model)))
+    bridge.save(model, tmp_path / name, format=format, progress=True)
+    final = capsys.readouterr().err.rstrip().rsplit("\r", 1)[-1]
+    assert final.startswith(f"{verb}: 100%") and f"{total}/{total}" in final, final

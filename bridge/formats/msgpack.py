@@ -34,6 +34,7 @@ from bridge.atomic import atomic_output
 from bridge.errors import FormatError
 from bridge.graph import Context, register_conversion, register_format
 from bridge.mapping import drop_transient
+from bridge.progress import track
 from bridge.tree import FlatState, Leaf, Path, as_numpy, by_collection, linen_path
 
 SUFFIX = ".msgpack"
@@ -227,7 +228,7 @@ def _nest(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
 
 def _serialize(flat: FlatState, ctx: Context) -> bytes:
     values: dict[tuple[str, ...], Any] = {}
-    for path, leaf in flat.items():
+    for path, leaf in track(flat, ctx, "reading"):  # lazy sources are read here
         key = _key(path, leaf)
         if not key:
             raise FormatError("a leaf with an empty path has no key in a msgpack map")
