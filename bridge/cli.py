@@ -14,8 +14,11 @@ Options shared by `plan` and `convert`:
 
 - `--template module:factory`: import `module` (a dotted module name, or the path of a
   `.py` file) and call `factory()`; it returns the target's skeleton: an NNX model (built
-  abstractly, e.g. with `nnx.eval_shape`), an `nnx.State`, Linen (abstract) variables or
-  a torch module. Without `:factory`, `module` must define `template`.
+  abstractly, e.g. with `nnx.eval_shape`), an `nnx.State`, Linen (abstract) variables,
+  a Linen module with sample inputs as a tuple `(module, *inputs)` (inputs may be
+  `jax.ShapeDtypeStruct`s; the variables' shapes come from `jax.eval_shape` of
+  `module.init`, no weights computed), or a torch module. Without `:factory`, `module`
+  must define `template`.
 - `--rules FILE.toml`: key rules, in this schema (every table optional)::
 
       [[rename]]                  # regular expression on dotted source keys
@@ -71,6 +74,8 @@ import traceback
 from collections.abc import Iterator
 from typing import Annotated, Any
 
+import flax.linen as nn
+import jax
 import numpy as np
 import typer
 from rich.console import Console
@@ -243,7 +248,21 @@ def load_template(spec: str) -> Any:
         factory = getattr(module, attr)
     except AttributeError:
         raise UsageError(f"--template: module {module_name!r} has no {attr!r}") from None
-    return factory() if callable(factory) else factory
+    template = factory() if callable(factory) else factory
+    if isinstance(template, tuple) and template and isinstance(template[0], nn.Module):
+        return abstract_linen_variables(spec, *template)
+    return template
+
+
+def abstract_linen_variables(spec: str, module: nn.Module, *inputs: Any) -> Any:
+    """The variables `module.init(key, *inputs)` would make, as shapes and dtypes only."""
+    try:
+        return jax.eval_shape(lambda *xs: module.init(jax.random.key(0), *xs), *inputs)
+    except Exception as error:  # whatever the module's own code raises on these inputs
+        raise UsageError(
+            f"--template {spec!r}: {type(module).__name__}.init on the sample inputs "
+            f"failed: {type(error).__name__}: {error}"
+        ) from error
 
 
 def _read_toml(path: str) -> dict[str, Any]:

@@ -16,8 +16,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+import safetensors.numpy
 import safetensors.torch
 import torch
+from flax import serialization
 
 import bridge
 
@@ -35,6 +37,29 @@ TEMPLATE = textwrap.dedent(
 
     def abstract():
         return nnx.eval_shape(lambda: Net(nnx.Rngs(0)))
+    """
+)
+
+LINEN_TEMPLATE = textwrap.dedent(
+    """
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+
+    class Mlp(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.relu(nn.Dense(3)(x))  # Dense_0
+            return nn.Dense(2)(x)  # Dense_1
+
+
+    def with_inputs():
+        return Mlp(), jax.ShapeDtypeStruct((1, 4), jnp.float32)
+
+
+    def with_wrong_inputs():
+        return Mlp(), jnp.ones((1, 2, 3), jnp.int32), "not an input"
     """
 )
 
@@ -89,6 +114,7 @@ def cli(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]
     work = tmp_path_factory.mktemp("cli")
     (work / "tmpl.py").write_text(TEMPLATE)
     (work / "rules.toml").write_text(RULES)
+    (work / "linen_tmpl.py").write_text(LINEN_TEMPLATE)
     torch.manual_seed(0)
     dense = {
         "Dense_0.weight": torch.randn(3, 4),
@@ -131,6 +157,23 @@ def cli(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]
         ],
         "convert": ["convert", "dense.safetensors", "out_ckpt", "--to", "orbax", *convert],
         "mismatch": ["convert", "dense.safetensors", "mm_ckpt", "--to", "orbax", *convert[:2]],
+        "to_linen_msgpack": [
+            "convert",
+            "dense.safetensors",
+            "dense.msgpack",
+            "--to",
+            "msgpack",
+            "--template",
+            "linen_tmpl.py:with_inputs",
+        ],
+        "bad_linen_inputs": [
+            "plan",
+            "dense.safetensors",
+            "--to",
+            "msgpack",
+            "--template",
+            "linen_tmpl.py:with_wrong_inputs",
+        ],
         "missing": ["inspect", "nope.safetensors"],
         "bad_rules": ["plan", "dense.safetensors", "--to", "nnx_state", "--rules", "bad.toml"],
         "bad_format": ["convert", "same.safetensors", "x", "--to", "onnx"],
@@ -245,6 +288,23 @@ def test_convert_with_template_and_rules_then_inspect(cli: tuple[Path, dict[str,
     expected = safetensors.torch.load_file(work / "same.safetensors")
     assert loaded.keys() == expected.keys()
     assert all(torch.equal(loaded[key], expected[key]) for key in expected)
+
+
+def test_a_linen_module_with_sample_inputs_is_a_template(
+    cli: tuple[Path, dict[str, Any]],
+) -> None:
+    work, out = cli
+    done = out["to_linen_msgpack"]
+    assert done.returncode == 0, done.stderr
+    variables = serialization.msgpack_restore((work / "dense.msgpack").read_bytes())
+    weights = safetensors.numpy.load_file(work / "dense.safetensors")
+    for layer in ("Dense_0", "Dense_1"):
+        params = variables["params"][layer]
+        np.testing.assert_array_equal(params["kernel"], weights[f"{layer}.weight"].T)
+        np.testing.assert_array_equal(params["bias"], weights[f"{layer}.bias"])
+    bad = out["bad_linen_inputs"]
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.count("\n") == 1 and "Mlp.init on the sample inputs failed" in bad.stderr
 
 
 def test_diff_equal_and_changed(cli: tuple[Path, dict[str, Any]]) -> None:
