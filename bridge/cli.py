@@ -404,7 +404,11 @@ TemplateOpt = Annotated[
     str | None,
     typer.Option(
         "--template",
-        help="module:factory (dotted module or .py path); factory() returns the target skeleton.",
+        help=(
+            "module:factory (dotted module or .py path); factory() returns the target "
+            "skeleton: an abstract NNX model, Linen variables, (linen_module, *inputs), or "
+            "a torch module."
+        ),
     ),
 ]
 RulesOpt = Annotated[
