@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 from flax.core import meta
+from flax.nnx import variablelib
 
 from bridge.errors import FormatError
 
@@ -325,6 +326,12 @@ def flatten_mapping(tree: Mapping[Any, Any]) -> dict[tuple[Any, ...], Any]:
 
 def unflatten_mapping(flat: Mapping[tuple[Any, ...], Any]) -> dict[Any, Any]:
     return traverse_util.unflatten_dict(dict(flat))
+
+
+def is_linen_collection(name: Any) -> bool:
+    """A collection name Flax knows: its Variable type registry, which custom Variable
+    types join, not a fixed list."""
+    return isinstance(name, str) and name in variablelib.VariableTypeCache
 
 
 def by_collection(flat: Mapping[Path, Any], where: str) -> FlatState:

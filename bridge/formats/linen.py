@@ -30,6 +30,7 @@ from bridge.tree import (
     by_collection,
     flatten_mapping,
     flax_metadata,
+    is_linen_collection,
     linen_path,
     normalize_metadata,
     to_jax,
@@ -110,8 +111,8 @@ def detect(obj: Any) -> float:
         return 0.0
     if not all(isinstance(key, str) and isinstance(value, Mapping) for key, value in obj.items()):
         return 0.0
-    known = set(obj) & set(variablelib.VariableTypeCache)
-    return 0.9 if known == set(obj) else 0.7 if known else 0.4
+    known = [key for key in obj if is_linen_collection(key)]
+    return 0.9 if len(known) == len(obj) else 0.7 if known else 0.4
 
 
 register_format(

@@ -28,14 +28,21 @@ from typing import Any
 import msgpack
 import numpy as np
 from flax import serialization
-from flax.nnx import variablelib
 
 from bridge.atomic import atomic_output
 from bridge.errors import FormatError
 from bridge.graph import Context, register_conversion, register_format
 from bridge.mapping import drop_transient
 from bridge.progress import track
-from bridge.tree import FlatState, Leaf, Path, as_numpy, by_collection, linen_path
+from bridge.tree import (
+    FlatState,
+    Leaf,
+    Path,
+    as_numpy,
+    by_collection,
+    is_linen_collection,
+    linen_path,
+)
 
 SUFFIX = ".msgpack"
 MAP_MARKERS = frozenset(range(0x80, 0x90)) | {0xDE, 0xDF}
@@ -48,8 +55,7 @@ def is_collection_first(tree: Mapping[Any, Any]) -> bool:
     """True when every top key of a non-empty tree names a registered Linen collection
     (Flax's registry, so custom Variable types count) and holds a subtree."""
     return bool(tree) and all(
-        key in variablelib.VariableTypeCache and isinstance(value, Mapping)
-        for key, value in tree.items()
+        is_linen_collection(key) and isinstance(value, Mapping) for key, value in tree.items()
     )
 
 

@@ -46,7 +46,6 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
-from flax.nnx import variablelib
 
 from bridge.atomic import atomic_output
 from bridge.errors import FormatError
@@ -59,6 +58,7 @@ from bridge.tree import (
     Leaf,
     as_numpy,
     dotted,
+    is_linen_collection,
     match_key,
     normalize_metadata,
     unflatten_mapping,
@@ -349,9 +349,7 @@ def _guessed(full: list[StoredPath], template_keys: set[str]) -> list[_Known]:
     variables) adds: it is dropped. With a template, each leaf takes the spelling the
     template knows: digit strings as ints, with or without the trailing `value`.
     """
-    linen_style = bool(full) and all(
-        isinstance(parts[0], str) and parts[0] in variablelib.VariableTypeCache for parts in full
-    )
+    linen_style = bool(full) and all(is_linen_collection(parts[0]) for parts in full)
     bodies = [parts[1:] if linen_style else parts for parts in full]
     strip_value = all(len(body) > 1 and body[-1] == "value" for body in bodies)
     known = []
