@@ -595,9 +595,9 @@ def plan(
         else:
             console = _console()
             hops = " ; ".join(str(e) for e in found.route) or "(same format)"
+            console.print(f"plan {found.source} -> {found.target}: {hops}", highlight=False)
             table = Table(
-                title=f"plan {found.source} -> {found.target}: {hops}",
-                caption=f"{len(found.rows)} leaves, {found.nbytes:,} bytes ({_size(found.nbytes)})",
+                caption=f"{len(found.rows)} leaves, {found.nbytes:,} bytes ({_size(found.nbytes)})"
             )
             for column in ("source", "target", "transform", "shape", "dtype", "bytes"):
                 table.add_column(column, justify="right" if column == "bytes" else "left")
