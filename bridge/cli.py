@@ -17,8 +17,9 @@ Options shared by `plan` and `convert`:
   abstractly, e.g. with `nnx.eval_shape`), an `nnx.State`, Linen (abstract) variables,
   a Linen module with sample inputs as a tuple `(module, *inputs)` (inputs may be
   `jax.ShapeDtypeStruct`s; the variables' shapes come from `jax.eval_shape` of
-  `module.init`, no weights computed), or a torch module. Without `:factory`, `module`
-  must define `template`.
+  `module.init`, no weights computed; flags are passed as they are, and a trailing dict
+  holds keyword arguments), or a torch module. Without `:factory`, `module` must define
+  `template`, the skeleton itself (not called).
 - `--rules FILE.toml`: key rules, in this schema (every table optional)::
 
       [[rename]]                  # regular expression on dotted source keys
@@ -225,7 +226,8 @@ def _size(nbytes: int) -> str:
 
 def load_template(spec: str) -> Any:
     """`module:factory` -> `factory()`; `module` is a dotted name or a `.py` path."""
-    module_name, _, attr = spec.rpartition(":") if ":" in spec else (spec, "", "template")
+    explicit = ":" in spec  # module:factory is called; a bare module's `template` is not
+    module_name, _, attr = spec.rpartition(":") if explicit else (spec, "", "template")
     if not module_name:
         raise UsageError(f"--template {spec!r}: expected module:factory")
     if module_name.endswith(".py") or os.sep in module_name or "/" in module_name:
@@ -248,16 +250,34 @@ def load_template(spec: str) -> Any:
         factory = getattr(module, attr)
     except AttributeError:
         raise UsageError(f"--template: module {module_name!r} has no {attr!r}") from None
-    template = factory() if callable(factory) else factory
+    template = factory() if explicit else factory
+    if isinstance(template, nn.Module):
+        raise UsageError(
+            f"--template {spec!r}: a Linen module needs sample inputs to give its variables' "
+            "shapes: return (module, *inputs), e.g. (Model(), jax.ShapeDtypeStruct(...))"
+        )
     if isinstance(template, tuple) and template and isinstance(template[0], nn.Module):
         return abstract_linen_variables(spec, *template)
     return template
 
 
 def abstract_linen_variables(spec: str, module: nn.Module, *inputs: Any) -> Any:
-    """The variables `module.init(key, *inputs)` would make, as shapes and dtypes only."""
+    """The variables `module.init(key, *inputs)` would make, as shapes and dtypes only.
+
+    Array-like inputs (arrays, `jax.ShapeDtypeStruct`s) are traced; others (flags such as
+    `train=False`) are passed as they are; a trailing dict holds keyword arguments."""
+    kwargs = inputs[-1] if inputs and isinstance(inputs[-1], dict) else {}
+    positional = list(inputs[: len(inputs) - bool(kwargs)])
+    traced = [i for i, x in enumerate(positional) if hasattr(x, "shape") and hasattr(x, "dtype")]
+
+    def init(*arrays: Any) -> Any:
+        args = list(positional)
+        for index, array in zip(traced, arrays, strict=True):
+            args[index] = array
+        return module.init(jax.random.key(0), *args, **kwargs)
+
     try:
-        return jax.eval_shape(lambda *xs: module.init(jax.random.key(0), *xs), *inputs)
+        return jax.eval_shape(init, *(positional[i] for i in traced))
     except Exception as error:  # whatever the module's own code raises on these inputs
         raise UsageError(
             f"--template {spec!r}: {type(module).__name__}.init on the sample inputs "

@@ -49,17 +49,22 @@ LINEN_TEMPLATE = textwrap.dedent(
 
     class Mlp(nn.Module):
         @nn.compact
-        def __call__(self, x):
-            x = nn.relu(nn.Dense(3)(x))  # Dense_0
+        def __call__(self, x, relu, train=True):
+            x = nn.Dense(3)(x)  # Dense_0
+            x = nn.Dropout(0.5, deterministic=not train)(nn.relu(x) if relu else x)
             return nn.Dense(2)(x)  # Dense_1
 
 
-    def with_inputs():
-        return Mlp(), jax.ShapeDtypeStruct((1, 4), jnp.float32)
+    def with_inputs():  # a flag, and a keyword argument; a traced flag would fail
+        return Mlp(), jax.ShapeDtypeStruct((1, 4), jnp.float32), True, {"train": False}
 
 
     def with_wrong_inputs():
-        return Mlp(), jnp.ones((1, 2, 3), jnp.int32), "not an input"
+        return Mlp(), jnp.ones((1, 4)), True, {"no_such_argument": 1}
+
+
+    def without_inputs():
+        return Mlp()
     """
 )
 
@@ -173,6 +178,14 @@ def cli(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]
             "msgpack",
             "--template",
             "linen_tmpl.py:with_wrong_inputs",
+        ],
+        "bare_linen": [
+            "plan",
+            "dense.safetensors",
+            "--to",
+            "msgpack",
+            "--template",
+            "linen_tmpl.py:without_inputs",
         ],
         "missing": ["inspect", "nope.safetensors"],
         "bad_rules": ["plan", "dense.safetensors", "--to", "nnx_state", "--rules", "bad.toml"],
@@ -305,6 +318,8 @@ def test_a_linen_module_with_sample_inputs_is_a_template(
     bad = out["bad_linen_inputs"]
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.count("\n") == 1 and "Mlp.init on the sample inputs failed" in bad.stderr
+    bare = out["bare_linen"]
+    assert bare.returncode == 2 and "return (module, *inputs)" in bare.stderr
 
 
 def test_diff_equal_and_changed(cli: tuple[Path, dict[str, Any]]) -> None:
