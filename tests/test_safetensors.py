@@ -161,7 +161,8 @@ def test_written_files_are_byte_identical_to_the_library_s(tmp_path, names):
     arrays = {}
     for rank, dtype in enumerate(st.DTYPES.values()):  # every dtype; names that sort apart
         for i in range(names):
-            name = "".join(rng.choice(list("ab.é_0Z"), size=1 + (rank + i) % 6)) + f"{rank}/{i}"
+            letters = list('ab.é_0Z"\\\n\x01\x7f\u2028😀')  # JSON escapes and non-ASCII
+            name = "".join(rng.choice(letters, size=1 + (rank + i) % 6)) + f"{rank}/{i}"
             arrays[name] = rng.integers(0, 2, size=(i % 3, 2, i + 1)[: i % 4]).astype(dtype)
     arrays["big_endian"] = np.arange(3, dtype=">i4")
     library = tmp_path / "library.safetensors"
@@ -646,6 +647,30 @@ class _Resized(LazyArray):
 def test_a_value_unlike_its_leaf_is_refused(tmp_path, lying):
     with pytest.raises(FormatError, match=r"'x': the value read is float.*but the leaf said"):
         _write({"a": np.ones(1), "x": lying}, tmp_path / "a.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+class _NumpyShaped(LazyArray):
+    """Declares its shape in numpy integers, as arithmetic on shapes gives them."""
+
+    shape, dtype = (np.int64(2), np.int32(3)), np.dtype(np.float32)
+
+    def read(self, index=...):
+        return np.ones((2, 3), np.float32)[index]
+
+
+def test_shapes_in_numpy_integers_are_written(tmp_path):
+    _write({"x": _NumpyShaped()}, tmp_path / "a.safetensors")
+    _assert_same(_read(tmp_path / "a.safetensors")["x"], np.ones((2, 3), np.float32))
+
+
+@pytest.mark.parametrize(
+    ("key", "says"),
+    [("__metadata__", "cannot be named '__metadata__'"), ("bad\ud800", "no valid UTF-8")],
+)
+def test_names_a_header_cannot_hold_are_refused(tmp_path, key, says):
+    with pytest.raises(FormatError, match=says):
+        st.write({(key,): Leaf(np.ones(1))}, Context(options={"path": tmp_path / "o.safetensors"}))
     assert list(tmp_path.iterdir()) == []
 
 

@@ -366,6 +366,12 @@ def _checked(flat: FlatState) -> dict[str, Leaf]:
         key = dotted(path)
         if key in leaves:
             raise FormatError(f"two leaves are spelled {key!r} in safetensors; rename one")
+        if key == "__metadata__":
+            raise FormatError("a tensor cannot be named '__metadata__' in safetensors; rename it")
+        try:
+            key.encode()
+        except UnicodeEncodeError as exc:
+            raise FormatError(f"{key!r} is no valid UTF-8 name for a safetensors header") from exc
         if leaf.is_abstract:
             raise FormatError(f"{key!r} is abstract ({leaf.value}); it has no data to write")
         try:
@@ -408,7 +414,7 @@ def _header(leaves: Mapping[str, Leaf]) -> tuple[bytes, list[str]]:
         size = leaves[key].nbytes
         entries[key] = {
             "dtype": codes[key],
-            "shape": list(leaves[key].shape),
+            "shape": [int(dim) for dim in leaves[key].shape],
             "data_offsets": [offset, offset + size],
         }
         offset += size
