@@ -4,11 +4,15 @@ into NNX and Linen through torch's layout rules. docs/recipes/custom-format.md w
 through it.
 
     python examples/custom_format.py
+
+Its files go to a temporary directory, removed at exit.
 """
 
+import tempfile
+
+# isort: split
 # --8<-- [start:register]
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -48,8 +52,10 @@ bridge.register_conversion("npz", "torch", cost=1.0)
 bridge.register_conversion("torch", "npz", cost=1.0, needs={"path"})
 # --8<-- [end:register]
 
+scratch = tempfile.TemporaryDirectory(prefix="bridge-recipe-")  # removed at exit
+os.chdir(scratch.name)
+
 # --8<-- [start:use]
-os.chdir(tempfile.mkdtemp(prefix="bridge-recipe-"))  # a scratch directory for the files
 rng = np.random.default_rng(0)
 np.savez(
     "weights.npz",

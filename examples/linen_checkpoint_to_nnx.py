@@ -6,28 +6,14 @@ where it stopped. docs/recipes/linen-checkpoint-to-nnx.md walks through it.
 """
 
 # --8<-- [start:linen-run]
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx, serialization
-from flax.training import train_state
+from mlp_models import LinenMlp, NnxMlp, TrainState
 
 import bridge
-
-
-class LinenMlp(nn.Module):
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        x = nn.relu(nn.Dense(8, name="layers_0")(x))
-        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, name="bn")(x)
-        return nn.Dense(2, name="layers_1")(x)
-
-
-class TrainState(train_state.TrainState):
-    batch_stats: dict
-
 
 x, y = jnp.ones((4, 3)), jnp.zeros((4, 2))
 variables = LinenMlp().init(jax.random.key(0), x)
@@ -56,15 +42,6 @@ checkpoint = serialization.to_bytes(state)  # what flax.training.checkpoints wro
 
 
 # --8<-- [start:migrate]
-class NnxMlp(nnx.Module):
-    def __init__(self, rngs: nnx.Rngs):
-        self.layers = nnx.List([nnx.Linear(3, 8, rngs=rngs), nnx.Linear(8, 2, rngs=rngs)])
-        self.bn = nnx.BatchNorm(8, momentum=0.9, rngs=rngs)
-
-    def __call__(self, x):
-        return self.layers[1](self.bn(nnx.relu(self.layers[0](x))))
-
-
 model_template = nnx.eval_shape(lambda: NnxMlp(nnx.Rngs(0)))
 optimizer_template = nnx.eval_shape(
     lambda: nnx.Optimizer(NnxMlp(nnx.Rngs(0)), optax.adam(1e-2), wrt=nnx.Param)

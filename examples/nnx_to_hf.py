@@ -3,7 +3,7 @@
 
     python examples/nnx_to_hf.py
 
-Its files go to a fresh temporary directory.
+Its files go to a temporary directory, removed at exit.
 """
 
 import os
@@ -21,7 +21,8 @@ import bridge
 
 # --8<-- [end:imports]
 
-os.chdir(tempfile.mkdtemp(prefix="bridge-recipe-"))
+scratch = tempfile.TemporaryDirectory(prefix="bridge-recipe-")  # removed at exit
+os.chdir(scratch.name)
 
 # --8<-- [start:model]
 hf_model = tiny_hf_gpt2()

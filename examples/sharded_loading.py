@@ -3,7 +3,7 @@ reading only its slice of the file. docs/recipes/sharded-loading.md walks throug
 
     python examples/sharded_loading.py
 
-Its files go to a fresh temporary directory.
+Its files go to a temporary directory, removed at exit.
 """
 
 # --8<-- [start:devices]
@@ -26,7 +26,8 @@ import bridge
 
 # --8<-- [end:imports]
 
-os.chdir(tempfile.mkdtemp(prefix="bridge-recipe-"))
+scratch = tempfile.TemporaryDirectory(prefix="bridge-recipe-")  # removed at exit
+os.chdir(scratch.name)
 
 # --8<-- [start:load]
 rng = np.random.default_rng(0)

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx, serialization
-from linen_checkpoint_to_nnx import LinenMlp, NnxMlp, TrainState  # the recipe's models
+from mlp_models import LinenMlp, NnxMlp, TrainState  # the recipe's models
 
 import bridge
 
