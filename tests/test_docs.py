@@ -155,9 +155,17 @@ def run_page(page: str) -> dict:
     return {"ok": True}
 
 
-def _run_in_process(page: str) -> dict:
+def offline_cpu_env() -> dict[str, str]:
+    """The environment pages and examples run in: no downloads, JAX on the CPU (the
+    printed comparisons assume CPU float32 matmuls)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     env["JAX_PLATFORMS"] = "cpu"
+    env.pop("XLA_FLAGS", None)  # the sharded page and recipe set their own
+    return env
+
+
+def _run_in_process(page: str) -> dict:
+    env = offline_cpu_env()
     if page in EIGHT_DEVICES:
         env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     with tempfile.TemporaryDirectory() as cwd:

@@ -8,14 +8,13 @@ snippets), and the ```text blocks of a page are the output of its script, in ord
 from __future__ import annotations
 
 import concurrent.futures
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import demo
 import pytest
-from test_docs import DOCS, EXAMPLES, PAGES, page_text, samples
+from test_docs import DOCS, EXAMPLES, PAGES, offline_cpu_env, page_text, samples
 
 MODULES = {"nnx_gpt2.py", "mlp_models.py"}
 """Imported by the recipes, not run: they define models and print nothing."""
@@ -44,10 +43,7 @@ def _run(script: str, cwd: Path) -> tuple[subprocess.CompletedProcess, list[Path
     """The finished run, and what it left in its working directory and its TMPDIR."""
     scratch = cwd / "tmp"
     scratch.mkdir()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    env["TMPDIR"] = str(scratch)
-    env["JAX_PLATFORMS"] = "cpu"  # the printed comparisons assume CPU float32 matmuls
-    env.pop("XLA_FLAGS", None)  # the sharded recipe sets its own when none is given
+    env = {**offline_cpu_env(), "TMPDIR": str(scratch)}
     done = subprocess.run(
         [sys.executable, str(EXAMPLES / script)],
         cwd=cwd,
