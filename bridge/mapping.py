@@ -21,6 +21,7 @@ from bridge.tree import (
     Path,
     concatenate,
     dotted,
+    index_of,
     match_key,
     parse_dotted,
     split,
@@ -262,10 +263,11 @@ def _stack(rule: Stack, flat: FlatState, report: Report) -> FlatState:
     out: FlatState = {}
     for path, leaf in flat.items():
         fields = layers.match(dotted(path))
-        if fields is None or not fields[rule.over].isdigit():
+        index = None if fields is None else index_of(fields[rule.over])
+        if index is None:
             _put(out, path, leaf, report)
             continue
-        groups.setdefault(stacked.format(fields), {})[int(fields[rule.over])] = path
+        groups.setdefault(stacked.format(fields), {})[index] = path
     for key, group in groups.items():
         if sorted(group) != list(range(len(group))):
             found = f"layers {sorted(group)} of {key!r}: not 0..{len(group) - 1}"

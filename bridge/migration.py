@@ -16,7 +16,7 @@ from flax import nnx, serialization
 
 from bridge.api import convert
 from bridge.graph import GRAPH, Context
-from bridge.tree import FlatState, Path, flatten_mapping, unflatten_mapping
+from bridge.tree import FlatState, flatten_mapping, positions, unflatten_mapping
 
 TRAINING_KEYS = ("step", "opt_state")
 """Top-level TrainState fields that are not Linen collections."""
@@ -38,11 +38,6 @@ def _read(checkpoint: Any, source: str | None, options: dict[str, Any]) -> FlatS
     return {
         (*((leaf.kind,) if leaf.kind else ()), *path): leaf.value for path, leaf in flat.items()
     }
-
-
-def _positions(path: Path) -> Path:
-    """Optax tuple positions, stored as digit strings by Flax's state dicts, as ints."""
-    return tuple(int(part) if isinstance(part, str) and part.isdigit() else part for part in path)
 
 
 def migrate(
@@ -71,7 +66,7 @@ def migrate(
         return migrated
     step_dtype = nnx.state(optimizer)["step"].get_value().dtype
     training = {
-        _positions(path): np.asarray(value, step_dtype) if path == ("step",) else value
+        positions(path): np.asarray(value, step_dtype) if path == ("step",) else value
         for path, value in flat.items()
         if path[0] in TRAINING_KEYS
     }

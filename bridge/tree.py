@@ -298,9 +298,31 @@ def dotted(path: Path) -> str:
     return ".".join(str(part) for part in path)
 
 
+def index_of(part: Any) -> int | None:
+    """The list position a key part spells, or None: an int, or a string of ASCII digits
+    without a leading zero (`"0"`, `"12"`). `"007"`, `"٣"` and `"²"` are names, so two
+    keys that differ in spelling never become one path."""
+    if isinstance(part, int) and not isinstance(part, bool):
+        return part
+    if (
+        isinstance(part, str)
+        and part.isascii()
+        and part.isdigit()
+        and (part == "0" or part[0] != "0")
+    ):
+        return int(part)
+    return None
+
+
+def positions(path: tuple[Any, ...]) -> Path:
+    """`path` with every part that spells a list position as an int."""
+    return tuple(part if (index := index_of(part)) is None else index for part in path)
+
+
 def parse_dotted(key: str) -> Path:
-    """`"h.0.attn"` -> `("h", 0, "attn")`: all-digit parts are list indices."""
-    return tuple(int(part) if part.isdigit() else part for part in key.split("."))
+    """`"h.0.attn"` -> `("h", 0, "attn")`: parts that spell a position (`index_of`) are
+    list indices; every other part, `"01"` included, stays the string it is."""
+    return positions(tuple(key.split(".")))
 
 
 def linen_path(path: Path) -> tuple[str, ...]:

@@ -40,6 +40,7 @@ from bridge.tree import (
     Path,
     as_numpy,
     by_collection,
+    index_of,
     is_linen_collection,
     linen_path,
 )
@@ -84,8 +85,8 @@ def _part(key: Any, where: str, parent: Path) -> str | int:
             f"{where}: key {key!r} under {'/'.join(map(str, parent)) or 'the top level'} "
             f"is a {type(key).__name__}; a path part is a string or an int"
         )
-    canonical = key.isascii() and key.isdigit() and (key == "0" or not key.startswith("0"))
-    return int(key) if canonical else key
+    index = index_of(key)
+    return key if index is None else index
 
 
 def _walk(node: Any, path: Path, where: str, seen: _Seen) -> Iterator[tuple[Path, Any]]:

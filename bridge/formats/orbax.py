@@ -61,6 +61,7 @@ from bridge.tree import (
     is_linen_collection,
     match_key,
     normalize_metadata,
+    positions,
     unflatten_mapping,
 )
 from bridge.tree import Path as TreePath
@@ -298,10 +299,6 @@ def _from_json(value: Any) -> Any:
     return value
 
 
-def _with_ints(path: TreePath) -> TreePath:
-    return tuple(int(part) if isinstance(part, str) and part.isdigit() else part for part in path)
-
-
 class _Known(NamedTuple):
     """What is known of one stored array beyond its shape and dtype."""
 
@@ -357,7 +354,7 @@ def _guessed(full: list[StoredPath], template_keys: set[str]) -> list[_Known]:
         stripped = body[:-1] if len(body) > 1 and body[-1] == "value" else None
         default = stripped if strip_value and stripped else body
         spellings = [default, body if strip_value else stripped]
-        candidates = [form for s in spellings if s for form in (s, _with_ints(s))]
+        candidates = [form for s in spellings if s for form in (s, positions(s))]
         path = next((c for c in candidates if match_key(c) in template_keys), default)
         known.append(_Known(path, str(parts[0]) if linen_style else None, {}))
     return known
