@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from bridge.errors import MismatchError
+from bridge.errors import FormatError, MismatchError
 from bridge.tree import (
     FlatState,
     Leaf,
@@ -24,6 +24,7 @@ from bridge.tree import (
     index_of,
     match_key,
     parse_dotted,
+    position_key,
     split,
     stack,
     take,
@@ -200,12 +201,13 @@ def _rename(rule: tuple[str, str], flat: FlatState, report: Report) -> FlatState
 
 
 def _put(out: FlatState, path: Path, leaf: Leaf, report: Report) -> None:
-    """Add a renamed leaf, reporting two sources that now share one key."""
+    """Add a renamed leaf; two sources that now share one key are refused."""
     if path in out:
-        found = f"both {out[path].source!r} and {leaf.source!r}"
-        report.ambiguous.append(Problem(dotted(path), found=found))
-    else:
-        out[path] = leaf
+        raise FormatError(
+            f"rules make both {out[path].source!r} and {leaf.source!r} {dotted(path)!r}; "
+            "a rule may rename a key, never merge two (use Merge to fuse tensors)"
+        )
+    out[path] = leaf
 
 
 def _steps(leaf: Leaf, step: str) -> str:
@@ -338,10 +340,31 @@ def _nearest(key: str, candidates: Iterable[str]) -> str | None:
 
 def _disagreement(source: Leaf, target: Leaf) -> tuple[str, str] | None:
     if source.shape != target.shape or source.dtype != target.dtype:
-        return describe(target), describe(source)
+        after = f" after {source.transform}" if source.transform else ""
+        return describe(target), describe(source) + after
     if source.kind and target.kind and source.kind != target.kind:
         return f"kind {target.kind}", f"kind {source.kind}"
     return None
+
+
+def _by_position(by_key: Mapping[str, Path], template: FlatState) -> dict[str, str]:
+    """`{source key: template key}` for the sources that fill a template leaf by position
+    alone (`layer.0` -> a Linen module named '0', see `tree.position_key`): only where
+    the exact keys do not meet and exactly one source and one target share a position."""
+    target_keys = {match_key(path): path for path in template}
+    sources: dict[str, list[str]] = {}
+    for key, path in by_key.items():
+        if key not in target_keys:
+            sources.setdefault(position_key(path), []).append(key)
+    targets: dict[str, list[str]] = {}
+    for key, path in target_keys.items():
+        if key not in by_key:
+            targets.setdefault(position_key(path), []).append(key)
+    return {
+        keys[0]: targets[position][0]
+        for position, keys in sources.items()
+        if len(keys) == 1 and len(targets.get(position, ())) == 1
+    }
 
 
 def match(
@@ -367,6 +390,8 @@ def match(
             )
         else:
             by_key[key] = path
+    for source_key, target_key in _by_position(by_key, template).items():
+        by_key[target_key] = by_key.pop(source_key)
 
     out: FlatState = {}
     unfilled: dict[str, Path] = {}

@@ -341,6 +341,36 @@ def match_key(path: Path) -> str:
     return "/".join(linen_path(path))
 
 
+def position_key(path: tuple[Any, ...]) -> str:
+    """The key that the spellings of one list position share: `("layers", 0)` (an
+    `nnx.List` index), `"layers_0"` (Linen's automatic name) and `("layers", "0")` (a
+    Linen module named '0', as transformers' Flax models name their layers) all give
+    `"layers_0"`. Matching falls back to it only where it is unambiguous."""
+    return match_key(positions(path))
+
+
+class PathLookup:
+    """Values by path: the exact match key first, else the one value whose position key
+    is the path's, when exactly one value has that position key (two spellings of one
+    position are never guessed between)."""
+
+    def __init__(self, items: Mapping[Path, Any]) -> None:
+        self.exact = {match_key(path): value for path, value in items.items()}
+        self.by_position: dict[str, list[Any]] = {}
+        for path, value in items.items():
+            self.by_position.setdefault(position_key(path), []).append(value)
+
+    def get(self, path: Path, default: Any = None) -> Any:
+        found = self.exact.get(match_key(path))
+        if found is not None:
+            return found
+        candidates = self.by_position.get(position_key(path), [])
+        return candidates[0] if len(candidates) == 1 else default
+
+    def __bool__(self) -> bool:
+        return bool(self.exact)
+
+
 def flatten_mapping(tree: Mapping[Any, Any]) -> dict[tuple[Any, ...], Any]:
     """Nested dicts (FrozenDicts too) -> `{path: leaf}`; anything not a dict is a leaf."""
     return traverse_util.flatten_dict(tree)

@@ -17,10 +17,10 @@ state = {"a.weight": np.ones(3, np.float32), "b.weight": np.zeros(3, np.float32)
 out = bridge.convert(state, to="nnx_state", rules=[(r"^a\.", "x."), (r"^x\.", "y.")])
 print(sorted(out))  # in order: a -> x, then x -> y
 
-try:  # two sources renamed onto one key are reported, not overwritten
+try:  # two sources renamed onto one key are refused, never overwritten
     bridge.convert(state, to="nnx_state", rules=[(r"^[ab]\.", "c.")])
-    raise AssertionError("a collision must be reported")
-except bridge.MismatchError as error:
+    raise AssertionError("a collision must be refused")
+except bridge.FormatError as error:
     assert "both 'a.weight' and 'b.weight'" in str(error)
 # --8<-- [end:renames]
 

@@ -9,8 +9,10 @@ of its path. Anything else (a pure NNX dict, a TrainState) keeps full paths, no 
 
 Keys: Flax's state dicts spell list / tuple positions as digit strings (`"0"`), and
 `msgpack_serialize` may store int keys; both are int path parts (`("layers", 0)`), as
-NNX and `tree.parse_dotted` spell them. Writing spells them as strings again, as
-`to_bytes` does: `from_bytes` compares keys as strings and accepts nothing else.
+NNX and `tree.parse_dotted` spell them. In Linen variables every key is a module name
+(transformers' Flax models name their layers `'0'`, `'1'`), so there digit strings stay
+strings and the tree reads back as it was written. Writing spells positions as strings
+again, as `to_bytes` does: `from_bytes` compares keys as strings and accepts nothing else.
 
 Empty subtrees (`{}`, `None`, `[]`, e.g. optax's `EmptyState` in a TrainState) hold no
 array; like `jax.tree.leaves`, the flat state does not carry them (a note says which).
@@ -76,8 +78,9 @@ def _is_array(value: Any) -> bool:
     return isinstance(value, np.ndarray | np.generic)
 
 
-def _part(key: Any, where: str, parent: Path) -> str | int:
-    """A map key as a path part: canonical digit strings and ints are positions."""
+def _part(key: Any, where: str, parent: Path, linen: bool) -> str | int:
+    """A map key as a path part: canonical digit strings and ints are positions, except
+    in Linen variables, whose keys are module names (`'0'` is a module named '0')."""
     if type(key) is int:
         return key
     if type(key) is not str:
@@ -85,11 +88,13 @@ def _part(key: Any, where: str, parent: Path) -> str | int:
             f"{where}: key {key!r} under {'/'.join(map(str, parent)) or 'the top level'} "
             f"is a {type(key).__name__}; a path part is a string or an int"
         )
-    index = index_of(key)
+    index = None if linen else index_of(key)
     return key if index is None else index
 
 
-def _walk(node: Any, path: Path, where: str, seen: _Seen) -> Iterator[tuple[Path, Any]]:
+def _walk(
+    node: Any, path: Path, where: str, seen: _Seen, linen: bool
+) -> Iterator[tuple[Path, Any]]:
     """`(path, leaf value)` of a restored tree, checking every key and value."""
     if isinstance(node, dict | list):
         if not node and path:
@@ -98,7 +103,7 @@ def _walk(node: Any, path: Path, where: str, seen: _Seen) -> Iterator[tuple[Path
             seen.boxes.append((*path, "value"))
         parts: dict[str | int, Any] = {}
         for key, child in list(node.items() if isinstance(node, dict) else enumerate(node)):
-            part = _part(key, where, path)
+            part = _part(key, where, path, linen)
             if isinstance(child, np.ndarray) and not child.flags.writeable:
                 # Flax returns views into the decoded buffer, read-only: a copy behaves like
                 # any array a user may fill in place (jax copies into its own buffer anyway).
@@ -110,7 +115,7 @@ def _walk(node: Any, path: Path, where: str, seen: _Seen) -> Iterator[tuple[Path
                     f"{'/'.join(map(str, path)) or 'the top level'} are both position {part}"
                 )
             parts[part] = key
-            yield from _walk(child, (*path, part), where, seen)
+            yield from _walk(child, (*path, part), where, seen, linen)
     elif node is None:
         seen.empty.append(path)
     elif _is_array(node) or type(node) in NATIVE:
@@ -156,7 +161,8 @@ def read(obj: bytes | bytearray | str | os.PathLike[str], ctx: Context) -> FlatS
             "checkpoints hold a state dict (a map)"
         )
     seen = _Seen()
-    flat = dict(_walk(tree, (), where, seen))
+    linen = is_collection_first(tree)
+    flat = dict(_walk(tree, (), where, seen, linen))
     if seen.empty:
         shown = ", ".join("/".join(map(str, path)) for path in seen.empty[:5])
         ctx.report.notes.append(
@@ -164,7 +170,7 @@ def read(obj: bytes | bytearray | str | os.PathLike[str], ctx: Context) -> FlatS
             + shown
             + (" ..." if len(seen.empty) > 5 else "")
         )
-    if not is_collection_first(tree):
+    if not linen:
         return {path: Leaf(value) for path, value in flat.items()}
     if seen.boxes:
         ctx.report.notes.append(

@@ -162,10 +162,18 @@ def write(flat: FlatState, ctx: Context) -> dict[str, Any]:
     """A state_dict; leaves that share one array (tied weights) share one tensor."""
     tensors: dict[int, Any] = {}
     state = {}
+    sources: dict[str, str] = {}
     for path, leaf in track(flat, ctx, "converting"):
+        key = dotted(path)
+        if key in sources:
+            raise FormatError(
+                f"{sources[key]!r} and {leaf.source!r} are both spelled {key!r} in a "
+                "state_dict; rename one with rules=..."
+            )
+        sources[key] = leaf.source
         if id(leaf.value) not in tensors:
             tensors[id(leaf.value)] = from_numpy(np.asarray(leaf.value))
-        state[dotted(path)] = tensors[id(leaf.value)]
+        state[key] = tensors[id(leaf.value)]
     return state
 
 
