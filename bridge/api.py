@@ -79,7 +79,7 @@ def _run(
     if options.get("dtype") is not None:
         flat = cast_floating(flat, options["dtype"])
     if ctx.template_flat is not None:
-        flat = match(flat, ctx.template_flat, ctx.report, dst_format.spell)
+        flat = match(flat, ctx.template_flat, ctx.report, dst_format.spell, read_values=not dry)
     return src, hops, flat, ctx
 
 

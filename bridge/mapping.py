@@ -14,17 +14,23 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from bridge.errors import FormatError, MismatchError
 from bridge.tree import (
+    Cast,
     FlatState,
     Leaf,
     Path,
+    changed_by,
     concatenate,
     dotted,
     index_of,
     match_key,
+    narrower,
     parse_dotted,
     position_key,
+    read_slice,
     split,
     stack,
     take,
@@ -161,6 +167,17 @@ class Report:
     @property
     def ok(self) -> bool:
         return not (self.missing or self.unexpected or self.mismatched or self.ambiguous)
+
+    def note_kept_on_host(self, keys: Sequence[str]) -> None:
+        """Say which 64-bit leaves stay numpy arrays because JAX would narrow them."""
+        if keys:
+            shown = ", ".join(keys[:5]) + (", ..." if len(keys) > 5 else "")
+            self.notes.append(
+                f"{len(keys)} 64-bit leaves kept as numpy arrays on the host, exactly: "
+                f"{shown} (JAX, with jax_enable_x64 off, would narrow them; enable x64 to "
+                "place them on a device, or give a template with 32-bit leaves to narrow "
+                "them with every value checked)"
+            )
 
     def raise_if_failed(self) -> None:
         if not self.ok:
@@ -338,6 +355,24 @@ def _nearest(key: str, candidates: Iterable[str]) -> str | None:
     return close[0] if close else None
 
 
+def _narrowed(leaf: Leaf, target: Leaf, spelled: str, report: Report, read_values: bool) -> Leaf:
+    """`leaf` cast to the template's narrower dtype, when no value changes (checked now,
+    or at conversion when `read_values` is False); unchanged (a dtype mismatch for the
+    report) when one would."""
+    step = f"narrow {leaf.dtype} -> {target.dtype}"
+    if read_values and not leaf.is_abstract:
+        changed = changed_by(leaf.value, target.dtype)
+        if changed is not None:
+            value = np.asarray(read_slice(leaf.value))[changed].item()
+            return leaf.replace(
+                transform=_steps(leaf, f"{step} would change {value!r} at index {changed}")
+            )
+    report.notes.append(f"{spelled}: {step}, as the template asks; every value kept exactly")
+    return leaf.replace(
+        value=Cast(leaf.value, np.dtype(target.dtype)), transform=_steps(leaf, step)
+    )
+
+
 def _disagreement(source: Leaf, target: Leaf) -> tuple[str, str] | None:
     if source.shape != target.shape or source.dtype != target.dtype:
         after = f" after {source.transform}" if source.transform else ""
@@ -372,8 +407,13 @@ def match(
     template: FlatState,
     report: Report,
     spell_target: Callable[[Path, Leaf], str] = lambda path, leaf: dotted(path),
+    read_values: bool = True,
 ) -> FlatState:
     """Give every template leaf its source leaf; report what is missing or left over.
+
+    A 64-bit source leaf fills a template leaf of half its width (the 32-bit arrays JAX
+    makes by default) only if every value survives: `read_values=False` (plans) defers
+    that check to the conversion.
 
     The result is keyed by the template's paths and carries the template's kinds and
     metadata, overlaid with the source's metadata. A transient template leaf (RNG state)
@@ -414,14 +454,17 @@ def match(
                 unfilled[key] = target_path
             continue
         leaf = source[source_path]
+        spelled = spell_target(target_path, target_leaf)
+        if leaf.shape == target_leaf.shape and narrower(leaf.dtype, target_leaf.dtype):
+            leaf = _narrowed(leaf, target_leaf, spelled, report, read_values)
         disagreement = _disagreement(leaf, target_leaf)
         if disagreement:
             expected, found = disagreement
-            report.mismatched.append(
-                Problem(
-                    spell_target(target_path, target_leaf), expected, f"{found} at {leaf.source!r}"
-                )
-            )
+            report.mismatched.append(Problem(spelled, expected, f"{found} at {leaf.source!r}"))
+            out[target_path] = target_leaf  # not filled: strict=False keeps the template's
+            if target_leaf.is_abstract:
+                report.abstract.append(spelled)
+            continue
         out[target_path] = target_leaf.replace(
             value=leaf.value,
             metadata={**target_leaf.metadata, **leaf.metadata},

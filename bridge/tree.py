@@ -219,13 +219,52 @@ class Leaf:
 FlatState = dict[Path, Leaf]
 
 
+def jax_narrows(dtype: Any) -> bool:
+    """Whether JAX would store `dtype` narrower than it is: int64, uint64, float64 and
+    complex128 while `jax_enable_x64` is off (JAX's default)."""
+    try:
+        return jax.dtypes.canonicalize_dtype(np.dtype(dtype)) != np.dtype(dtype)
+    except TypeError:  # not a numpy dtype (a PRNG key type)
+        return False
+
+
+def narrower(source: Any, target: Any) -> bool:
+    """Whether `target` is `source` at half the width, same kind (int64 -> int32,
+    float64 -> float32): the narrowing a 32-bit template may ask for, values checked."""
+    try:
+        source, target = np.dtype(source), np.dtype(target)
+    except TypeError:
+        return False
+    return (
+        source.kind == target.kind
+        and source.kind in "iuf"
+        and target.itemsize * 2 == source.itemsize
+        and source.itemsize >= 8
+    )
+
+
+def changed_by(value: Any, dtype: Any) -> tuple[int, ...] | None:
+    """The index of the first element that `value` as `dtype` would not hold exactly
+    (compared bit for bit after the round trip, so NaN payloads and -0.0 count); None
+    when every element survives."""
+    array = np.asarray(read_slice(value))
+    back = array.astype(dtype).astype(array.dtype)
+    raw = f"u{array.dtype.itemsize}"
+    differs = array.view(raw) != back.view(raw)
+    return tuple(int(i) for i in np.argwhere(differs)[0]) if differs.any() else None
+
+
 def to_jax(value: Any, sharding: jax.sharding.Sharding | None = None) -> Any:
     """A leaf value as the Flax formats hold it: jax arrays and placeholders unchanged,
     numpy and lazy arrays read and put on the default device; with a sharding over
     several devices, each device's slice is read and placed on its own, so a device
-    never receives (and a lazy file never gives) more than its shard."""
+    never receives (and a lazy file never gives) more than its shard. A 64-bit value
+    that JAX would narrow (x64 off) stays a numpy array on the host, never narrowed."""
     if isinstance(value, jax.ShapeDtypeStruct):
         return value
+    dtype = getattr(value, "dtype", None)
+    if jax_narrows(dtype if dtype is not None else np.asarray(value).dtype):
+        return np.array(read_slice(value))
     if sharding is not None and len(sharding.device_set) > 1:
         shape = tuple(np.shape(value))
         return jax.make_array_from_callback(

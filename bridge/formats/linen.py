@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
+import numpy as np
 from flax.core import meta
 from flax.nnx import State, variablelib
 from flax.nnx.bridge.variables import NNXMeta
@@ -82,6 +83,7 @@ def write_linen(flat: FlatState, ctx: Context) -> dict[str, Any]:
     boxed = ctx.options.get("boxed", False)
     out: dict[tuple[str, ...], Any] = {}
     unboxed_metadata = 0
+    on_host: list[str] = []
     for path, leaf in track(flat, ctx, "loading"):
         key = (leaf.kind or "params", *linen_path(path))
         if key in out:
@@ -89,8 +91,11 @@ def write_linen(flat: FlatState, ctx: Context) -> dict[str, Any]:
                 f"two leaves map to Linen path {'/'.join(key)!r}; rename one with rules=..."
             )
         leaf = leaf.replace(value=to_jax(leaf.value))
+        if isinstance(leaf.value, np.ndarray):
+            on_host.append("/".join(key))
         out[key] = _box(leaf) if boxed else leaf.value
         unboxed_metadata += bool(leaf.metadata) and not boxed
+    ctx.report.note_kept_on_host(on_host)
     if unboxed_metadata:
         ctx.report.notes.append(
             f"{unboxed_metadata} leaves written as plain arrays without their metadata "

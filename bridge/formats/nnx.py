@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from flax.nnx import variablelib
 
@@ -133,8 +134,11 @@ def write_state(flat: FlatState, ctx: Context) -> nnx.State:
     like = _template_variables(ctx.template)
     seed = ctx.options.get("rng_seed", 0)
     variables = []
+    on_host = []
     for index, (path, leaf) in enumerate(track(flat, ctx, "loading")):
         value = to_jax(leaf.value, _sharding(path, like.get(path), ctx))
+        if isinstance(value, np.ndarray):
+            on_host.append(dotted(path))
         if leaf.transient and leaf.is_abstract:
             value = _fresh_rng(leaf, index, seed)
             ctx.report.notes.append(f"{dotted(path)}: RNG state created with rng_seed={seed}")
@@ -145,6 +149,7 @@ def write_state(flat: FlatState, ctx: Context) -> nnx.State:
             with nnx.use_eager_sharding(False):
                 variable = type_of(leaf.kind)(value, **metadata)
         variables.append((path, variable))
+    ctx.report.note_kept_on_host(on_host)
     return nnx.from_flat_state(variables)
 
 
