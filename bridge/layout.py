@@ -404,8 +404,9 @@ def to_flax(flat: FlatState, ctx: Context) -> FlatState:
         if parent[-1:] == ("out_proj",) and parent[:-1] in mha:
             parent = (*parent[:-1], "out")
         try:
-            if role == "num_batches_tracked":
-                ctx.report.dropped.append(f"{leaf.source} (BatchNorm step count: Flax keeps none)")
+            if role == "num_batches_tracked":  # no Flax module keeps it; a Flax state may
+                counter = leaf.replace(transient=True)
+                planned.append(_Planned(path, counter, "batch_stats", None))
                 continue
             if role in ("in_proj_weight", "in_proj_bias"):
                 kind = "kernel" if role.endswith("weight") else "bias"

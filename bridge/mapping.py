@@ -18,6 +18,7 @@ import numpy as np
 
 from bridge.errors import FormatError, MismatchError
 from bridge.tree import (
+    TRAINING_FIELDS,
     Cast,
     FlatState,
     Leaf,
@@ -178,6 +179,15 @@ class Report:
                 "place them on a device, or give a template with 32-bit leaves to narrow "
                 "them with every value checked)"
             )
+
+    def note_training_state(self, where: str, keys: Sequence[str]) -> None:
+        """Say that a TrainState's training fields were set aside, and where they go."""
+        shown = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+        self.notes.append(
+            f"{where}: a Linen TrainState; its training state ({len(keys)} leaves: {shown}) "
+            "is set aside, the model state loaded; bridge.migrate(..., optimizer=...) "
+            "carries the training state over to an nnx.Optimizer"
+        )
 
     def raise_if_failed(self) -> None:
         if not self.ok:
@@ -518,6 +528,17 @@ def match(
             )
         )
     return out
+
+
+def set_aside_training(flat: Mapping[Path, Any], where: str, ctx: Context) -> dict[Path, Any]:
+    """The model state of a TrainState's leaves (full paths, collection first): its
+    training fields (`step`, `opt_state`) are left out and noted, or kept where the
+    caller asks for them (`bridge.migrate` reads with the `training` option)."""
+    if ctx.options.get("training"):
+        return dict(flat)
+    training = [path for path in flat if path[0] in TRAINING_FIELDS]
+    ctx.report.note_training_state(where, ["/".join(map(str, path)) for path in training])
+    return {path: value for path, value in flat.items() if path[0] not in TRAINING_FIELDS}
 
 
 def drop_transient(flat: FlatState, ctx: Context) -> FlatState:

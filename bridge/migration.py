@@ -16,10 +16,7 @@ from flax import nnx, serialization
 
 from bridge.api import convert
 from bridge.graph import GRAPH, Context
-from bridge.tree import FlatState, flatten_mapping, positions, unflatten_mapping
-
-TRAINING_KEYS = ("step", "opt_state")
-"""Top-level TrainState fields that are not Linen collections."""
+from bridge.tree import TRAINING_FIELDS, FlatState, flatten_mapping, positions, unflatten_mapping
 
 
 def _read(checkpoint: Any, source: str | None, options: dict[str, Any]) -> FlatState:
@@ -34,7 +31,8 @@ def _read(checkpoint: Any, source: str | None, options: dict[str, Any]) -> FlatS
     if isinstance(checkpoint, dict) and source is None:
         return {tuple(path): value for path, value in flatten_mapping(checkpoint).items()}
     name = source or GRAPH.detect(checkpoint)
-    flat = GRAPH.format(name).read(checkpoint, Context(options=options, source=name))
+    context = Context(options={**options, "training": True}, source=name)
+    flat = GRAPH.format(name).read(checkpoint, context)
     return {
         (*((leaf.kind,) if leaf.kind else ()), *path): leaf.value for path, leaf in flat.items()
     }
@@ -59,7 +57,7 @@ def migrate(
     """
     flat = _read(checkpoint, source, options)
     variables = unflatten_mapping(
-        {path: value for path, value in flat.items() if path[0] not in TRAINING_KEYS}
+        {path: value for path, value in flat.items() if path[0] not in TRAINING_FIELDS}
     )
     migrated = convert(variables, "nnx", source="linen", template=model)
     if optimizer is None:
@@ -68,7 +66,7 @@ def migrate(
     training = {
         positions(path): np.asarray(value, step_dtype) if path == ("step",) else value
         for path, value in flat.items()
-        if path[0] in TRAINING_KEYS
+        if path[0] in TRAINING_FIELDS
     }
     restored = convert(unflatten_mapping(training), "nnx", source="nnx_state", template=optimizer)
     return migrated, restored

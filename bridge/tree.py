@@ -425,11 +425,31 @@ def is_linen_collection(name: Any) -> bool:
     return isinstance(name, str) and name in variablelib.VariableTypeCache
 
 
+TRAINING_FIELDS = frozenset({"step", "opt_state"})
+"""The fields of a Linen `TrainState` (flax.training.train_state) besides its collections:
+training state, which `convert` sets aside and `bridge.migrate` carries over."""
+
+
+def is_training_state(tree: Mapping[Any, Any]) -> bool:
+    """A Linen TrainState (or the dict of its fields): Linen collections next to `step`
+    and / or `opt_state`, nothing else."""
+    keys = set(tree)
+    collections = {key for key in keys if is_linen_collection(key)}
+    return (
+        bool(collections) and bool(keys & TRAINING_FIELDS) and keys <= collections | TRAINING_FIELDS
+    )
+
+
 def by_collection(flat: Mapping[Path, Any], where: str) -> FlatState:
     """`{(collection, *path): value}` -> `{path: Leaf(value, kind=collection)}`; a path held
-    in two collections is refused (NNX cannot hold both under one path)."""
+    in two collections is refused (NNX cannot hold both under one path). A TrainState's
+    training fields keep their full path, without a kind."""
     out: FlatState = {}
+    training = is_training_state(dict.fromkeys(path[0] for path in flat))
     for (collection, *rest), value in flat.items():
+        if training and collection in TRAINING_FIELDS:
+            out[(collection, *rest)] = Leaf(value)
+            continue
         path = tuple(rest)
         if path in out:
             raise FormatError(

@@ -182,14 +182,14 @@ def test_a_composite_step_reads_its_only_pytree_item(tmp_path):
 
 @pytest.mark.parametrize("item", ["state", "pytree"])
 def test_v1_checkpoints_are_read_through_their_item_directory(tmp_path, item):
-    tree = {"params": {"dense": {"kernel": _random((2, 3))}}, "step": np.array(4, np.int32)}
+    tree = {"params": {"dense": {"kernel": _random((2, 3))}}, "count": np.array(4, np.int32)}
     ocp.v1.save(tmp_path / "v1", tree, checkpointable_name=item)  # `pytree`: older v1 releases
     assert (tmp_path / "v1" / item / "_METADATA").is_file()
     assert bridge.detect(tmp_path / "v1") == "orbax"
     state = bridge.convert(tmp_path / "v1", to="nnx_state")
     kernel = state["params"]["dense"]["kernel"].get_value()
     assert_same_arrays(kernel, tree["params"]["dense"]["kernel"])
-    assert_same_arrays(state["step"].get_value(), tree["step"])
+    assert_same_arrays(state["count"].get_value(), tree["count"])
 
 
 def test_several_pytree_items_read_as_one_tree_keyed_by_item(tmp_path):

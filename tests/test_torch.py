@@ -149,6 +149,29 @@ def test_num_batches_tracked_is_reported_not_silently_lost():
     assert rows["bn.mean"].source == "bn.running_mean"
 
 
+@pytest.mark.parametrize("through", ["nnx_state", "linen"])
+def test_num_batches_tracked_is_carried_where_a_flax_state_can_hold_it(through):
+    source = trained_torch_cnn()
+    source.bn.num_batches_tracked.fill_(17)
+    back = bridge.convert(bridge.convert(source, to=through), to="torch", template=TorchCnn())
+    assert int(back["bn.num_batches_tracked"]) == 17
+    assert_state_dicts_equal(back, source.state_dict())
+
+
+def test_export_into_a_meta_device_template_with_batchnorm():
+    model = bridge.convert(
+        trained_torch_cnn(), to="nnx", template=nnx.eval_shape(lambda: NnxCnn(nnx.Rngs(0)))
+    )
+    with torch.device("meta"):
+        template = TorchCnn()
+    state, report = bridge.convert(model, to="torch", template=template, strict=False)
+    assert report.ok
+    assert int(state["bn.num_batches_tracked"]) == 0  # no Flax module keeps the count
+    assert "bn.num_batches_tracked: re-created (abstract template)" in report.notes
+    fresh = TorchCnn()
+    fresh.load_state_dict(state, strict=True)
+
+
 def test_conv_transpose_rule_matches_torch_numerically():
     torch.manual_seed(3)
     for dims in (1, 2, 3):

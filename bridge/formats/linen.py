@@ -19,7 +19,7 @@ from flax.nnx.bridge.variables import NNXMeta
 
 from bridge.errors import FormatError
 from bridge.graph import Context, register_conversion, register_format
-from bridge.mapping import drop_transient
+from bridge.mapping import drop_transient, set_aside_training
 from bridge.progress import track
 from bridge.tree import (
     MESH,
@@ -32,6 +32,7 @@ from bridge.tree import (
     flatten_mapping,
     flax_metadata,
     is_linen_collection,
+    is_training_state,
     linen_path,
     normalize_metadata,
     to_jax,
@@ -71,7 +72,10 @@ def _box(leaf: Leaf) -> Any:
 
 
 def read_linen(variables: Mapping[str, Any], ctx: Context) -> FlatState:
-    flat = by_collection(flatten_mapping(variables), "Linen variables")
+    flat = flatten_mapping(variables)
+    if is_training_state(variables):
+        flat = set_aside_training(flat, "Linen TrainState", ctx)
+    flat = by_collection(flat, "Linen variables")
     out: FlatState = {}
     for path, leaf in flat.items():
         value, metadata = _unbox(leaf.value)
@@ -114,6 +118,8 @@ def detect(obj: Any) -> float:
     only could as well be a pure NNX state (pass `source="linen"`)."""
     if isinstance(obj, State) or not isinstance(obj, Mapping) or not obj:
         return 0.0
+    if is_training_state(obj):
+        return 0.9
     if not all(isinstance(key, str) and isinstance(value, Mapping) for key, value in obj.items()):
         return 0.0
     known = [key for key in obj if is_linen_collection(key)]

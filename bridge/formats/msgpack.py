@@ -34,7 +34,7 @@ from flax import serialization
 from bridge.atomic import atomic_output
 from bridge.errors import FormatError
 from bridge.graph import Context, register_conversion, register_format
-from bridge.mapping import drop_transient
+from bridge.mapping import drop_transient, set_aside_training
 from bridge.progress import track
 from bridge.tree import (
     FlatState,
@@ -44,6 +44,7 @@ from bridge.tree import (
     by_collection,
     index_of,
     is_linen_collection,
+    is_training_state,
     linen_path,
 )
 
@@ -161,8 +162,11 @@ def read(obj: bytes | bytearray | str | os.PathLike[str], ctx: Context) -> FlatS
             "checkpoints hold a state dict (a map)"
         )
     seen = _Seen()
-    linen = is_collection_first(tree)
+    training = is_training_state(tree)
+    linen = training or is_collection_first(tree)
     flat = dict(_walk(tree, (), where, seen, linen))
+    if training:
+        flat = set_aside_training(flat, where, ctx)
     if seen.empty:
         shown = ", ".join("/".join(map(str, path)) for path in seen.empty[:5])
         ctx.report.notes.append(

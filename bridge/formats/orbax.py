@@ -50,15 +50,17 @@ from etils import epath
 from bridge.atomic import atomic_output
 from bridge.errors import FormatError
 from bridge.graph import Context, register_conversion, register_format
-from bridge.mapping import drop_transient
+from bridge.mapping import drop_transient, set_aside_training
 from bridge.progress import track
 from bridge.tree import (
     MESH,
+    TRAINING_FIELDS,
     FlatState,
     Leaf,
     as_numpy,
     dotted,
     is_linen_collection,
+    is_training_state,
     match_key,
     normalize_metadata,
     positions,
@@ -341,13 +343,18 @@ def _described(full: list[StoredPath], description: dict[str, Any], where: Path)
 def _guessed(full: list[StoredPath], template_keys: set[str]) -> list[_Known]:
     """Each array of a checkpoint bridge did not write, as far as its tree tells.
 
-    A Linen-style tree (every top key a registered Linen collection) has its collection
-    as kind. A trailing `value` on every leaf is what saving `nnx.State` (or boxed Linen
-    variables) adds: it is dropped. With a template, each leaf takes the spelling the
-    template knows: digit strings as ints, with or without the trailing `value`.
+    A Linen-style tree (every top key a registered Linen collection, or a TrainState:
+    collections next to `step` / `opt_state`) has its collection as kind; training
+    fields keep their full path. A trailing `value` on every leaf is what saving
+    `nnx.State` (or boxed Linen variables) adds: it is dropped. With a template, each
+    leaf takes the spelling the template knows: digit strings as ints, with or without
+    the trailing `value`.
     """
-    linen_style = bool(full) and all(is_linen_collection(parts[0]) for parts in full)
-    bodies = [parts[1:] if linen_style else parts for parts in full]
+    training = is_training_state(dict.fromkeys(parts[0] for parts in full))
+    linen_style = training or (bool(full) and all(is_linen_collection(p[0]) for p in full))
+    bodies = [
+        parts[1:] if linen_style and parts[0] not in TRAINING_FIELDS else parts for parts in full
+    ]
     strip_value = all(len(body) > 1 and body[-1] == "value" for body in bodies)
     known = []
     for parts, body in zip(full, bodies, strict=True):
@@ -356,7 +363,8 @@ def _guessed(full: list[StoredPath], template_keys: set[str]) -> list[_Known]:
         spellings = [default, body if strip_value else stripped]
         candidates = [form for s in spellings if s for form in (s, positions(s))]
         path = next((c for c in candidates if match_key(c) in template_keys), default)
-        known.append(_Known(path, str(parts[0]) if linen_style else None, {}))
+        kind = str(parts[0]) if linen_style and body is not parts else None
+        known.append(_Known(path, kind, {}))
     return known
 
 
@@ -390,6 +398,8 @@ def _entries(
         leaf = Leaf(abstract, kind=info.kind, metadata=info.metadata, transient=info.transient)
         is_scalar = isinstance(meta, ocp.metadata.ScalarMetadata)
         entries.append(_Entry(item, stored, info.path, leaf, info.is_key, is_scalar))
+    if description is None and is_training_state(dict.fromkeys(parts[0] for parts in full)):
+        entries = list(set_aside_training({e.path: e for e in entries}, str(where), ctx).values())
     return entries, empty, not_arrays
 
 

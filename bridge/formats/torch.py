@@ -25,7 +25,7 @@ from bridge.errors import FormatError
 from bridge.graph import Context, register_conversion, register_format
 from bridge.layout import TORCH_FAMILIES, family, to_flax, to_torch
 from bridge.progress import track
-from bridge.tree import FlatState, Leaf, dotted, parse_dotted
+from bridge.tree import FlatState, Leaf, as_numpy, dotted, parse_dotted
 
 SUFFIXES = (".pt", ".bin", ".pth")
 TORCH_ROLES = frozenset(
@@ -172,9 +172,19 @@ def write(flat: FlatState, ctx: Context) -> dict[str, Any]:
             )
         sources[key] = leaf.source
         if id(leaf.value) not in tensors:
-            tensors[id(leaf.value)] = from_numpy(np.asarray(leaf.value))
+            tensors[id(leaf.value)] = from_numpy(_array(key, leaf))
         state[key] = tensors[id(leaf.value)]
     return state
+
+
+def _array(key: str, leaf: Leaf) -> np.ndarray:
+    """A leaf's data; a placeholder that a format re-creates (a BatchNorm step count of a
+    meta-device template, which no Flax module keeps) as a fresh module has it: zeros."""
+    if leaf.is_abstract and leaf.transient:
+        return np.zeros(leaf.shape, leaf.dtype)
+    if leaf.is_abstract:
+        raise FormatError(f"{key!r} is abstract ({leaf.value}); it has no data to write")
+    return as_numpy(key, leaf.value)
 
 
 def detect(obj: Any) -> float:
