@@ -87,7 +87,6 @@ class Case:
     inputs: Callable[[np.random.Generator], dict[str, np.ndarray]]
     outputs: tuple[str, ...]
     rules: tuple[tuple[str, str], ...] = ()
-    flax_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def _whisper_inputs(rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -322,7 +321,7 @@ def built(name: str) -> Built:
     with torch.no_grad():
         for param in torch_model.parameters():
             param.add_(torch.randn_like(param) * 0.1)
-    flax_model = getattr(transformers, case.flax_class)(config, seed=0, **case.flax_kwargs)
+    flax_model = getattr(transformers, case.flax_class)(config, seed=0)
 
     inputs = case.inputs(np.random.default_rng(0))
     with torch.no_grad():
