@@ -9,8 +9,12 @@ TORCH_PIN := torch==2.13.0
 # `sharding_names`); `make test` repeats the Flax-facing tests on it.
 FLAX_MIN := flax==0.12.1
 FLAX_MIN_VENV := .venv-flax-min
+# The last transformers series with Flax models: `make test` checks bridge's torch ->
+# Linen conversion of 12 architectures against its own converter (tests/test_hf4_peer.py).
+HF4_PINS := transformers==4.57.3 flax==0.12.8 jax==0.10.2 jaxlib==0.10.2
+HF4_VENV := .venv-hf4
 
-.PHONY: demo test test-flax-min lint docs bench bench-large clean
+.PHONY: demo test test-flax-min test-hf4 lint docs bench bench-large clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,15 +29,26 @@ $(FLAX_MIN_VENV)/bin/.installed: pyproject.toml
 	$(FLAX_MIN_VENV)/bin/pip install -q '$(FLAX_MIN)' -e '.' pytest hypothesis
 	touch $@
 
+# torch first, pinned: transformers would otherwise pull an unpinned (CUDA) build.
+$(HF4_VENV)/bin/.installed: pyproject.toml
+	$(PYTHON) -m venv $(HF4_VENV)
+	$(HF4_VENV)/bin/pip install -q --upgrade pip
+	$(HF4_VENV)/bin/pip install -q $(TORCH_PIN)
+	$(HF4_VENV)/bin/pip install -q $(TORCH_PIN) $(HF4_PINS) -e '.' pytest hypothesis
+	touch $@
+
 demo: $(BIN)/.installed
 	$(BIN)/python examples/demo.py
 
-test: $(BIN)/.installed test-flax-min
+test: $(BIN)/.installed test-flax-min test-hf4
 	$(BIN)/python -m pytest -q
 
 test-flax-min: $(FLAX_MIN_VENV)/bin/.installed
 	$(FLAX_MIN_VENV)/bin/python -m pytest -q -p no:cacheprovider -m flax_compat \
 		$(shell grep -l "pytest.mark.flax_compat" tests/test_*.py)
+
+test-hf4: $(HF4_VENV)/bin/.installed
+	$(HF4_VENV)/bin/python -m pytest -q --tb=short -p no:cacheprovider -m hf4 tests/test_hf4_peer.py
 
 # Speed and memory against the common recipes and the floor (benchmarks/RESULTS.md).
 bench: $(BIN)/.installed
@@ -53,4 +68,4 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff format --check .
 
 clean:
-	rm -rf $(VENV) $(FLAX_MIN_VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(FLAX_MIN_VENV) $(HF4_VENV) .pytest_cache .ruff_cache .hypothesis
