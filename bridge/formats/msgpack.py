@@ -50,6 +50,9 @@ MAP_MARKERS = frozenset(range(0x80, 0x90)) | {0xDE, 0xDF}
 """First byte of a msgpack map (fixmap, map 16, map 32): Flax writes a state dict."""
 NATIVE = (bool, int, float, complex, str, bytes)
 """Python values msgpack stores as themselves (a TrainState's `step` is a Python int)."""
+MAX_DEPTH = 128
+"""The deepest nesting read: far beyond any model's, far below what would exhaust
+Python's recursion (msgpack itself decodes maps nested 1000 deep)."""
 
 
 def is_collection_first(tree: Mapping[Any, Any]) -> bool:
@@ -91,6 +94,11 @@ def _part(key: Any, where: str, parent: Path) -> str | int:
 
 def _walk(node: Any, path: Path, where: str, seen: _Seen) -> Iterator[tuple[Path, Any]]:
     """`(path, leaf value)` of a restored tree, checking every key and value."""
+    if len(path) > MAX_DEPTH:
+        raise FormatError(
+            f"{where}: {'/'.join(map(str, path[:3]))}/... nests more than {MAX_DEPTH} deep; "
+            "not a Flax state"
+        )
     if isinstance(node, dict | list):
         if not node and path:
             seen.empty.append(path)
@@ -130,6 +138,10 @@ def _restore(data: bytes | bytearray, where: str) -> Any:
         raise FormatError(
             f"{where}: the msgpack map ends at offset {len(data) - len(exc.extra)}, but "
             f"{len(exc.extra)} more bytes follow; not one Flax msgpack state"
+        ) from None
+    except RecursionError:
+        raise FormatError(
+            f"{where}: maps and lists nest too deep to decode; not a Flax msgpack state"
         ) from None
     except (msgpack.UnpackException, ValueError, TypeError, KeyError, IndexError) as exc:
         raise FormatError(

@@ -138,13 +138,20 @@ def _ties(state: Mapping[str, Any], module: Any) -> dict[str, str]:
 def read(obj: Any, ctx: Context) -> FlatState:
     families: dict[str, str | None] = {}
     module = obj if _is_module(obj) else None
+    where = "the state_dict"
     if isinstance(obj, str | os.PathLike):
+        where = os.fspath(obj)
         state = _load_file(FilePath(obj))
     elif module is not None:
         state = module.state_dict(keep_vars=True)
         families = {name: family(type(m), TORCH_FAMILIES) for name, m in obj.named_modules()}
     else:
         state = obj
+    if odd := [key for key in state if not isinstance(key, str)]:
+        raise FormatError(
+            f"{where}: key {odd[0]!r} is of type {type(odd[0]).__name__}; a state_dict's keys "
+            "are dotted strings ('layers.0.weight')"
+        )
     ties = _ties(state, module)
     flat: FlatState = {}
     for key, value in state.items():

@@ -1,0 +1,150 @@
+"""Hostile input ends in a typed error: nesting bombs, absurd shapes, odd keys, values of
+the wrong type, tampered descriptions and bad options are `BridgeError`s that name the
+file and the key, raised before anything large is allocated."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+import struct
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flax import nnx, serialization
+
+import bridge
+from bridge.errors import FormatError
+from bridge.graph import GRAPH
+
+if "torch" not in GRAPH.formats:  # the edges to torch need the torch format registered
+    importlib.import_module("bridge.formats.torch")
+st = importlib.import_module("bridge.formats.safetensors")
+
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+def _safetensors(path: Path, header: bytes | dict, data: bytes = b"") -> Path:
+    encoded = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + data)
+    return path
+
+
+def _one_tensor(path: Path, shape: list[int], data: bytes = b"") -> Path:
+    """A file whose one F32 tensor `t` has `shape` and `data`, whatever they say."""
+    return _safetensors(
+        path, {"t": {"dtype": "F32", "shape": shape, "data_offsets": [0, len(data)]}}, data
+    )
+
+
+def _every_reading(source) -> list:
+    """Each way a user reads a file: inspect, plan, convert to torch and to NNX."""
+    return [
+        lambda: bridge.inspect(source),
+        lambda: bridge.plan(source, to="nnx_state"),
+        lambda: bridge.convert(source, to="torch"),
+        lambda: bridge.convert(source, to="nnx_state"),
+    ]
+
+
+# --- nesting bombs ----------------------------------------------------------------------
+
+BOMBS = {
+    "arrays": b"[" * 2000 + b"]" * 2000,
+    "objects": b'{"a":' * 2000 + b"1" + b"}" * 2000,
+    "in a tensor": b'{"t": ' + b"[" * 900 + b"]" * 900 + b"}",
+    "in __metadata__": b'{"__metadata__": {"a": ' + b"[" * 900 + b"]" * 900 + b"}}",
+}
+
+
+@pytest.mark.parametrize("bomb", BOMBS.values(), ids=BOMBS.keys())
+def test_a_nesting_bomb_in_a_safetensors_header_is_a_format_error(tmp_path, bomb):
+    file = _safetensors(tmp_path / "bomb.safetensors", bomb)
+    for read in _every_reading(file):
+        with pytest.raises(FormatError, match=f"^{file}: ") as error:
+            read()
+        assert len(str(error.value)) < 500  # the hostile value is not echoed in full
+
+
+@pytest.mark.parametrize("bomb", BOMBS.values(), ids=BOMBS.keys())
+def test_a_nesting_bomb_in_an_index_is_a_format_error(tmp_path, bomb):
+    (tmp_path / st.INDEX_FILE).write_bytes(bomb)
+    for read in _every_reading(tmp_path):
+        with pytest.raises(FormatError, match=f"^{tmp_path / st.INDEX_FILE}: "):
+            read()
+
+
+@pytest.mark.parametrize("depth", [200, 1000, 1020])
+def test_msgpack_maps_nested_deep_are_a_format_error(tmp_path, depth):
+    data = b"\x81\xa1a" * depth + b"\x01"  # {"a": {"a": ... 1}}
+    file = tmp_path / "deep.msgpack"
+    file.write_bytes(data)
+    for read in _every_reading(file):
+        with pytest.raises(FormatError, match=f"^{file}: .*(deep|nest)"):
+            read()
+
+
+def test_msgpack_nested_as_deep_as_a_model_is_read():
+    tree: dict = {"w": np.ones(2, np.float32)}
+    for _ in range(40):
+        tree = {"m": tree}
+    state = bridge.convert(serialization.to_bytes(tree), to="nnx_state")
+    assert len(nnx.to_flat_state(state)[0][0]) == 41
+
+
+# --- shapes -----------------------------------------------------------------------------
+
+SHAPES = {
+    "a dimension of 2**63": ([2**63, 0], "multiply past 2\\*\\*63 bytes"),
+    "a dimension of 2**64": ([2**64, 0], "multiply past 2\\*\\*63 bytes"),
+    "65 dimensions": ([1] * 65, "65 dimensions, at most 64"),
+    "65 empty dimensions": ([0] * 65, "65 dimensions, at most 64"),
+    "a product past int64": ([2**32, 2**32, 0], "multiply past 2\\*\\*63 bytes"),
+    "a product past int64 bytes": ([2**31, 2**31], "multiply past 2\\*\\*63 bytes"),
+}
+
+
+@pytest.mark.parametrize(("shape", "message"), SHAPES.values(), ids=SHAPES.keys())
+def test_absurd_shapes_are_refused_from_the_header(tmp_path, shape, message):
+    data = b"\0" * 4 if 0 not in shape else b""
+    file = _one_tensor(tmp_path / "shape.safetensors", shape, data)
+    for read in _every_reading(file):
+        with pytest.raises(FormatError, match=f"^{file}: tensor 't': shape .* {message}"):
+            read()
+
+
+def test_the_largest_empty_shapes_numpy_makes_are_read(tmp_path):
+    shape = [2**61 - 1, 0]  # times 4 bytes, just under what numpy can address
+    file = _one_tensor(tmp_path / "empty.safetensors", shape)
+    assert bridge.inspect(file).rows[0].shape == tuple(shape)
+    assert tuple(bridge.convert(file, to="torch")["t"].shape) == tuple(shape)
+
+
+def test_a_header_claiming_2_40_elements_is_refused_before_allocating(tmp_path):
+    file = _one_tensor(tmp_path / "huge.safetensors", [2**40], b"\0" * 4)
+    tracemalloc.start()
+    try:
+        for read in _every_reading(file):
+            with pytest.raises(FormatError, match=f"^{file}: tensor 't': .* needs 4398046511104"):
+                read()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20
+
+
+# --- keys -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", [0, 1.5, None, (1, 2), b"w"])
+def test_a_pt_file_with_keys_that_are_not_strings_is_refused_naming_it(tmp_path, key):
+    file = tmp_path / "keys.pt"
+    torch.save({"ok": torch.zeros(1), key: torch.zeros(2)}, file)
+    for read in _every_reading(file):
+        with pytest.raises(FormatError, match=rf"^{file}: key {re.escape(repr(key))} is of type"):
+            read()
+    with pytest.raises(FormatError, match=r"^the state_dict: key"):
+        bridge.convert({key: np.zeros(2)}, to="nnx_state", source="torch")
