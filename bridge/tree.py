@@ -8,7 +8,7 @@ spelled the NNX way (`("layers", 0, "kernel")`). The spellings of the other form
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
@@ -382,3 +382,36 @@ def as_numpy(key: str, value: Any) -> np.ndarray:
         raise FormatError(
             f"{key!r}: cannot make an array of {type(value).__name__}: {exc}"
         ) from exc
+
+
+def check_nestable(paths: Iterable[Path], where: str) -> None:
+    """Refuse, naming both keys, the flat paths one nested tree (NNX State, Linen
+    variables) cannot hold: the same path twice, a leaf that is also the parent of others
+    (`a` and `a.b`, which flat formats such as safetensors hold), and a node holding both
+    a list position and a name (`h.1` and `h.01`: NNX sorts the keys of every node, and
+    ints and strings do not compare)."""
+    paths = list(paths)
+    leaves: set[Path] = set()
+    for path in paths:
+        if path in leaves:
+            raise FormatError(
+                f"{where}: two leaves are spelled {dotted(path)!r}; rename one with rules=..."
+            )
+        leaves.add(path)
+    children: dict[Path, dict[bool, Path]] = {}
+    for path in paths:
+        for depth in range(len(path)):
+            parent = path[:depth]
+            if depth and parent in leaves:
+                raise FormatError(
+                    f"{where}: {dotted(parent)!r} is both a leaf and the parent of "
+                    f"{dotted(path)!r}; a nested tree cannot hold both, rename one with rules=..."
+                )
+            seen = children.setdefault(parent, {})
+            seen.setdefault(isinstance(path[depth], str), path)
+            if len(seen) > 1:
+                raise FormatError(
+                    f"{where}: {dotted(seen[True])!r} and {dotted(seen[False])!r}: a nested tree "
+                    "cannot hold a list position and a name under one node "
+                    f"({dotted(parent) or 'the top'}); rename one with rules=..."
+                )

@@ -139,6 +139,46 @@ def test_a_header_claiming_2_40_elements_is_refused_before_allocating(tmp_path):
 # --- keys -------------------------------------------------------------------------------
 
 
+def test_a_key_with_a_superscript_digit_is_a_name_and_converts(tmp_path):
+    header = {"l.²": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}
+    file = _safetensors(tmp_path / "sup.safetensors", header, np.float32(1).tobytes())
+    assert [row.target for row in bridge.inspect(file).rows] == ["l.²"]
+    assert bridge.convert(file, to="torch")["l.²"].tolist() == [1.0]
+    state = bridge.convert(file, to="nnx_state")
+    assert nnx.to_flat_state(state)[0][0] == ("l", "²")
+
+
+def _leaf_and_parent(tmp_path) -> Path:
+    header = {
+        "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+        "a.b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]},
+    }
+    return _safetensors(tmp_path / "ab.safetensors", header, b"\0" * 8)
+
+
+def test_a_flat_file_holding_a_and_a_b_stays_flat_and_is_refused_by_nested_formats(tmp_path):
+    file = _leaf_and_parent(tmp_path)
+    assert sorted(bridge.convert(file, to="torch")) == ["a", "a.b"]
+    out = bridge.convert(file, to="safetensors", path=tmp_path / "copy.safetensors")
+    assert [row.target for row in bridge.inspect(out).rows] == ["a", "a.b"]
+    for to, first, second in [("nnx_state", "a", "a.b"), ("linen", "params.a", "params.a.b")]:
+        with pytest.raises(
+            FormatError,
+            match=rf"^safetensors '{file}' -> {to}: '{first}' is both a leaf and the parent of "
+            rf"'{second}'",
+        ):
+            bridge.convert(file, to=to)
+    torch.save({"a": torch.zeros(1), "a.b": torch.zeros(1)}, tmp_path / "ab.pt")
+    with pytest.raises(FormatError, match=r"'a' is both a leaf and the parent of 'a\.b'"):
+        bridge.convert(tmp_path / "ab.pt", to="nnx_state")
+
+
+def test_a_node_holding_a_position_and_a_name_is_refused_naming_both():
+    state = {"h.1.w": np.ones(1, np.float32), "h.01.w": np.ones(1, np.float32)}
+    with pytest.raises(FormatError, match=r"'h\.01\.w' and 'h\.1\.w': .* one node \(h\)"):
+        bridge.convert(state, to="nnx_state", source="torch")
+
+
 @pytest.mark.parametrize("key", [0, 1.5, None, (1, 2), b"w"])
 def test_a_pt_file_with_keys_that_are_not_strings_is_refused_naming_it(tmp_path, key):
     file = tmp_path / "keys.pt"
