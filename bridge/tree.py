@@ -8,6 +8,7 @@ spelled the NNX way (`("layers", 0, "kernel")`). The spellings of the other form
 from __future__ import annotations
 
 import dataclasses
+import reprlib
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -219,21 +220,24 @@ class Leaf:
 FlatState = dict[Path, Leaf]
 
 
-def to_jax(value: Any, sharding: jax.sharding.Sharding | None = None) -> Any:
+def to_jax(value: Any, where: str, sharding: jax.sharding.Sharding | None = None) -> Any:
     """A leaf value as the Flax formats hold it: jax arrays and placeholders unchanged,
     numpy and lazy arrays read and put on the default device; with a sharding over
     several devices, each device's slice is read and placed on its own, so a device
-    never receives (and a lazy file never gives) more than its shard."""
+    never receives (and a lazy file never gives) more than its shard. `where` names the
+    leaf in the `FormatError` for a value that is not numbers (`native_numbers`)."""
     if isinstance(value, jax.ShapeDtypeStruct):
         return value
     if sharding is not None and len(sharding.device_set) > 1:
         shape = tuple(np.shape(value))
         return jax.make_array_from_callback(
-            shape, sharding, lambda index: _unaliased(read_slice(value, index, view=True))
+            shape,
+            sharding,
+            lambda index: _unaliased(native_numbers(read_slice(value, index, view=True), where)),
         )
     if isinstance(value, jax.Array):
         return value
-    array = read_slice(value, view=True)
+    array = native_numbers(read_slice(value, view=True), where)
     # A contiguous view of a file's map must be copied (jax would alias it on the CPU);
     # a strided one (a transposed kernel) jax copies itself, in one pass.
     contiguous = array.flags.c_contiguous
@@ -246,6 +250,23 @@ def _unaliased(array: np.ndarray) -> np.ndarray:
     """What jax may take without copying: on the CPU it aliases a contiguous numpy
     buffer, which must not be a file's map; a strided view it copies anyway."""
     return np.array(array) if array.flags.c_contiguous else array
+
+
+def native_numbers(value: Any, where: str) -> np.ndarray:
+    """`value` as jax and torch take it: a numpy array of numbers (bool, int, float,
+    complex, bf16 / fp8) in native byte order; a big-endian array is converted (same
+    values). Strings, bytes, dates and objects are a `FormatError` naming `where`."""
+    array = np.asarray(value)
+    if not (jnp.issubdtype(array.dtype, jnp.number) or array.dtype == np.bool_):
+        raise FormatError(
+            f"{where}: {reprlib.repr(value)} is of dtype {array.dtype}, where an array of "
+            "numbers is expected"
+        )
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    # numpy's canonical type of the kind and size: `np.asarray(2**63)` is a `ulonglong`,
+    # which torch refuses, where the same `uint64` it takes
+    return array.view(np.dtype(array.dtype.str)) if array.dtype.kind in "biufc" else array
 
 
 def cast_floating(flat: FlatState, dtype: Any) -> FlatState:

@@ -4,6 +4,7 @@ file and the key, raised before anything large is allocated."""
 
 from __future__ import annotations
 
+import datetime
 import importlib
 import json
 import re
@@ -11,9 +12,11 @@ import struct
 import tracemalloc
 from pathlib import Path
 
+import msgpack
 import numpy as np
 import pytest
 import torch
+from conftest import assert_same_arrays
 from flax import nnx, serialization
 
 import bridge
@@ -188,3 +191,47 @@ def test_a_pt_file_with_keys_that_are_not_strings_is_refused_naming_it(tmp_path,
             read()
     with pytest.raises(FormatError, match=r"^the state_dict: key"):
         bridge.convert({key: np.zeros(2)}, to="nnx_state", source="torch")
+
+
+# --- values of the wrong type -----------------------------------------------------------
+
+WRONG_VALUES = {
+    "a string": "adam",
+    "bytes": b"\x00\x01",
+    "a msgpack timestamp": msgpack.Timestamp(1, 0),
+    "a datetime": datetime.datetime(2024, 1, 1, tzinfo=datetime.UTC),
+    "a datetime64 array": np.array(["2024-01-01"], "datetime64[s]"),
+}
+
+
+def _pack(value) -> bytes:
+    if isinstance(value, np.ndarray):
+        return serialization.msgpack_serialize({"params": {"w": value}})
+    return msgpack.packb({"params": {"w": value}}, datetime=True)
+
+
+@pytest.mark.parametrize("value", WRONG_VALUES.values(), ids=WRONG_VALUES.keys())
+def test_msgpack_values_that_are_not_numbers_are_refused_where_arrays_are_expected(tmp_path, value):
+    file = tmp_path / "wrong.msgpack"
+    file.write_bytes(_pack(value))
+    for to in ("nnx_state", "linen", "torch"):
+        with pytest.raises(FormatError, match=rf"{file}\b.*'params/w'|{file}\b.*'w'"):
+            bridge.convert(file, to=to)
+
+
+def test_strings_stay_readable_where_no_array_is_expected(tmp_path):
+    data = serialization.to_bytes({"name": "adam", "w": np.ones(2, np.float32)})
+    assert serialization.msgpack_restore(bridge.convert(data, to="msgpack"))["name"] == "adam"
+
+
+@pytest.mark.parametrize("dtype", [">f4", ">i4", ">c8"])
+def test_big_endian_arrays_are_placed_in_native_byte_order_with_the_same_values(dtype):
+    values = np.arange(6).reshape(2, 3).astype(dtype)
+    native = values.astype(values.dtype.newbyteorder("="))
+    with nnx.use_eager_sharding(False):
+        state = nnx.State({"layer": {"w": nnx.Param(values)}})
+    ours = bridge.convert(state, to="nnx_state")
+    assert_same_arrays(ours["layer"]["w"].get_value(), native)
+    assert_same_arrays(bridge.convert(state, to="linen")["params"]["layer"]["w"], native)
+    assert_same_arrays(bridge.convert(state, to="torch")["layer.w"].numpy(), native)
+    assert values.dtype == np.dtype(dtype)  # the input is not converted in place

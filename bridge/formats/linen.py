@@ -87,7 +87,7 @@ def write_linen(flat: FlatState, ctx: Context) -> dict[str, Any]:
     unboxed_metadata = 0
     for path, leaf in track(flat, ctx, "loading"):
         key = keys[path]
-        leaf = leaf.replace(value=to_jax(leaf.value))
+        leaf = leaf.replace(value=to_jax(leaf.value, f"{subject}: {'/'.join(key)!r}"))
         out[key] = _box(leaf) if boxed else leaf.value
         unboxed_metadata += bool(leaf.metadata) and not boxed
     if unboxed_metadata:

@@ -119,7 +119,8 @@ def write_state(flat: FlatState, ctx: Context) -> nnx.State:
     seed = ctx.options.get("rng_seed", 0)
     variables = []
     for index, (path, leaf) in enumerate(track(flat, ctx, "loading")):
-        value = to_jax(leaf.value, _sharding(path, like.get(path), ctx))
+        where = f"{subject}: {dotted(path)!r}"
+        value = to_jax(leaf.value, where, _sharding(path, like.get(path), ctx))
         if leaf.transient and leaf.is_abstract:
             value = _fresh_rng(leaf, index, seed)
             ctx.report.notes.append(f"{dotted(path)}: RNG state created with rng_seed={seed}")

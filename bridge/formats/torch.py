@@ -25,7 +25,7 @@ from bridge.errors import FormatError
 from bridge.graph import Context, register_conversion, register_format
 from bridge.layout import TORCH_FAMILIES, family, to_flax, to_torch
 from bridge.progress import track
-from bridge.tree import FlatState, Leaf, dotted, parse_dotted
+from bridge.tree import FlatState, Leaf, dotted, native_numbers, parse_dotted
 
 SUFFIXES = (".pt", ".bin", ".pth")
 TORCH_ROLES = frozenset(
@@ -169,9 +169,11 @@ def write(flat: FlatState, ctx: Context) -> dict[str, Any]:
     """A state_dict; leaves that share one array (tied weights) share one tensor."""
     tensors: dict[int, Any] = {}
     state = {}
+    subject = ctx.report.subject or "torch"
     for path, leaf in track(flat, ctx, "converting"):
         if id(leaf.value) not in tensors:
-            tensors[id(leaf.value)] = from_numpy(np.asarray(leaf.value))
+            array = native_numbers(leaf.value, f"{subject}: {dotted(path)!r}")
+            tensors[id(leaf.value)] = from_numpy(array)
         state[dotted(path)] = tensors[id(leaf.value)]
     return state
 
