@@ -8,6 +8,7 @@ import datetime
 import importlib
 import json
 import re
+import shutil
 import struct
 import tracemalloc
 from pathlib import Path
@@ -235,3 +236,75 @@ def test_big_endian_arrays_are_placed_in_native_byte_order_with_the_same_values(
     assert_same_arrays(bridge.convert(state, to="linen")["params"]["layer"]["w"], native)
     assert_same_arrays(bridge.convert(state, to="torch")["layer.w"].numpy(), native)
     assert values.dtype == np.dtype(dtype)  # the input is not converted in place
+
+
+# --- a tampered Orbax description -------------------------------------------------------
+
+KERNEL = "layers.0.kernel"
+TAMPERED = {
+    "an unknown layout": (lambda d: d.update(layout="sideways"), "layout 'sideways'"),
+    "no layout": (lambda d: d.pop("layout"), "lacks layout"),
+    "an unknown field": (lambda d: d.update(extra=1), r"unknown fields \['extra'\]"),
+    "a list": (lambda d: d.clear(), "lacks bridge_version, layout, leaves, source"),
+    "a record that is a number": (
+        lambda d: d["leaves"].update({KERNEL: 5}),
+        f"{KERNEL}' is a int",
+    ),
+    "a kind that is a number": (lambda d: d["leaves"][KERNEL].update(kind=5), "kind=5"),
+    "no kind": (lambda d: d["leaves"][KERNEL].pop("kind"), "lacks kind"),
+    "ints on a name": (lambda d: d["leaves"][KERNEL].update(ints=[0]), r"ints=\[0\]"),
+    "ints past the path": (lambda d: d["leaves"][KERNEL].update(ints=[7]), r"ints=\[7\]"),
+    "ints below zero": (lambda d: d["leaves"][KERNEL].update(ints=[-2]), r"ints=\[-2\]"),
+    "ints as strings": (lambda d: d["leaves"][KERNEL].update(ints=["1"]), r"ints=\['1'\]"),
+    "ints as bools": (lambda d: d["leaves"][KERNEL].update(ints=[True]), r"ints=\[True\]"),
+    "ints not a list": (lambda d: d["leaves"][KERNEL].update(ints=1), "ints=1"),
+    "metadata not an object": (lambda d: d["leaves"][KERNEL].update(metadata="x"), "metadata="),
+    "metadata named value": (
+        lambda d: d["leaves"][KERNEL].update(metadata={"value": 1}),
+        r"metadata \['value'\]",
+    ),
+    "metadata nested deep": (
+        lambda d: d["leaves"][KERNEL].update(metadata={"x": json.loads("[" * 900 + "]" * 900)}),
+        "nested too deep",
+    ),
+    "transient not a bool": (
+        lambda d: d["leaves"][KERNEL].update(transient="yes"),
+        "transient='yes'",
+    ),
+    "key not a bool": (lambda d: d["leaves"][KERNEL].update(key=1), "key=1"),
+    "a record field unknown": (lambda d: d["leaves"][KERNEL].update(z=1), r"unknown fields"),
+    "a record missing": (lambda d: d["leaves"].pop(KERNEL), "disagree"),
+    "the layout of another tree": (
+        lambda d: d.update(layout="collection-first"),
+        "has kind 'params', but is stored under 'layers'",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def saved_checkpoint(tmp_path_factory) -> Path:
+    with nnx.use_eager_sharding(False):
+        state = nnx.State({"layers": {0: {"kernel": nnx.Param(np.ones((2, 2), np.float32))}}})
+    return bridge.save(state, tmp_path_factory.mktemp("orbax") / "ckpt", format="orbax")
+
+
+@pytest.mark.parametrize(("tamper", "message"), TAMPERED.values(), ids=TAMPERED.keys())
+def test_a_tampered_orbax_description_is_refused_naming_the_entry(
+    tmp_path, saved_checkpoint, tamper, message
+):
+    path = shutil.copytree(saved_checkpoint, tmp_path / "ckpt")
+    step_metadata = json.loads((path / "_CHECKPOINT_METADATA").read_text())
+    tamper(step_metadata["custom_metadata"]["bridge"])
+    (path / "_CHECKPOINT_METADATA").write_text(json.dumps(step_metadata))
+    for to in ("nnx_state", "linen"):
+        with pytest.raises(FormatError, match=rf"^{path}\b.*{message}.*changed after bridge"):
+            bridge.convert(path, to=to)
+
+
+def test_a_collection_first_description_must_agree_with_where_arrays_are(tmp_path):
+    path = bridge.save({"params": {"w": np.ones(2, np.float32)}}, tmp_path / "c", format="orbax")
+    step_metadata = json.loads((path / "_CHECKPOINT_METADATA").read_text())
+    step_metadata["custom_metadata"]["bridge"]["leaves"]["params.w"]["kind"] = "batch_stats"
+    (path / "_CHECKPOINT_METADATA").write_text(json.dumps(step_metadata))
+    with pytest.raises(FormatError, match=r"'params\.w' has kind 'batch_stats', but is stored"):
+        bridge.convert(path, to="linen")
