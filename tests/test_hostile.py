@@ -308,3 +308,20 @@ def test_a_collection_first_description_must_agree_with_where_arrays_are(tmp_pat
     (path / "_CHECKPOINT_METADATA").write_text(json.dumps(step_metadata))
     with pytest.raises(FormatError, match=r"'params\.w' has kind 'batch_stats', but is stored"):
         bridge.convert(path, to="linen")
+
+
+# --- options ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", ["infGB", "-infGB", "nanGB", "1e400GB", "0GB", "-1GB", "0.0001KB"])
+def test_a_max_shard_size_that_is_no_positive_finite_size_is_refused(tmp_path, size):
+    with pytest.raises(FormatError, match=r"^max_shard_size="):
+        bridge.save({"w": np.ones(3)}, tmp_path / "out", format="safetensors", max_shard_size=size)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_huge_max_shard_size_is_one_shard(tmp_path):
+    out = bridge.save(
+        {"w": np.ones(3)}, tmp_path / "o", format="safetensors", max_shard_size=10**400
+    )
+    assert [p.name for p in out.iterdir()] == [st.SINGLE_FILE]

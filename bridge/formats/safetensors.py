@@ -14,6 +14,7 @@ needs every array of the file in memory at once. Shards are laid out as `transfo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -352,23 +353,20 @@ def read(obj: str | os.PathLike[str], ctx: Context) -> FlatState:
 
 def parse_size(size: int | str) -> int:
     """`max_shard_size` in bytes: an int, or `"5GB"`, `"500MB"`, `"10KB"` (decimal units,
-    as `huggingface_hub` parses them)."""
+    as `huggingface_hub` parses them); a finite positive number of bytes."""
+    count: float = 0
     if isinstance(size, int) and not isinstance(size, bool):
         count = size
     elif isinstance(size, str) and size.strip()[-2:].upper() in SIZE_UNITS:
         text = size.strip()
-        try:
-            count = int(float(text[:-2]) * SIZE_UNITS[text[-2:].upper()])
-        except ValueError:
-            count = 0
-    else:
-        count = 0
-    if count <= 0:
+        with contextlib.suppress(ValueError):
+            count = float(text[:-2]) * SIZE_UNITS[text[-2:].upper()]
+    if not 1 <= count < math.inf:  # NaN, 'infGB' and '1e400GB' too
         raise FormatError(
             f"max_shard_size={size!r}: expected a positive number of bytes, or a string such "
             f"as '5GB' with unit {', '.join(SIZE_UNITS)}"
         )
-    return count
+    return int(count)
 
 
 def _code_of(dtype: Any) -> str | None:
