@@ -269,9 +269,30 @@ def native_numbers(value: Any, where: str) -> np.ndarray:
     return array.view(np.dtype(array.dtype.str)) if array.dtype.kind in "biufc" else array
 
 
-def cast_floating(flat: FlatState, dtype: Any) -> FlatState:
-    """Every floating-point leaf as `dtype`, lazily (`convert(..., dtype=...)`)."""
-    target = np.dtype(dtype)
+CASTINGS = ("same_kind", "unsafe")
+"""`convert(..., casting=)`: numpy's names for the casts `dtype=` may make."""
+
+
+def cast_target(dtype: Any, casting: str = "same_kind") -> np.dtype:
+    """The dtype `convert(..., dtype=, casting=)` casts floating-point leaves to: a
+    floating one, unless `casting="unsafe"` asks for an integer or bool one (a cast that
+    rounds, wraps or truncates values is never made by mistake)."""
+    if casting not in CASTINGS:
+        raise FormatError(f"casting={casting!r}: expected one of {', '.join(CASTINGS)}")
+    try:
+        target = np.dtype(jnp.dtype(dtype))
+    except TypeError as exc:
+        raise FormatError(f"dtype={dtype!r}: not a dtype ({exc})") from None
+    if not jnp.issubdtype(target, jnp.floating) and casting != "unsafe":
+        raise FormatError(
+            f"dtype={dtype!r}: dtype= casts floating-point leaves to another floating type; "
+            f"a cast to {target} does not keep their values, pass casting='unsafe' to ask for it"
+        )
+    return target
+
+
+def cast_floating(flat: FlatState, target: np.dtype) -> FlatState:
+    """Every floating-point leaf as `target` (see `cast_target`), lazily."""
     return {
         path: leaf.replace(
             value=Cast(leaf.value, target),

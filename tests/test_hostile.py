@@ -325,3 +325,26 @@ def test_a_huge_max_shard_size_is_one_shard(tmp_path):
         {"w": np.ones(3)}, tmp_path / "o", format="safetensors", max_shard_size=10**400
     )
     assert [p.name for p in out.iterdir()] == [st.SINGLE_FILE]
+
+
+STATE = {"w.weight": np.array([1.7, -2.6, 300.0], np.float32), "n": np.array([3], np.int64)}
+
+
+@pytest.mark.parametrize("dtype", ["int8", np.uint8, bool, "int32"])
+def test_dtype_casts_to_integer_or_bool_only_when_asked(dtype):
+    with pytest.raises(FormatError, match=r"dtype=.*casting='unsafe'"):
+        bridge.convert(STATE, to="torch", source="torch", dtype=dtype)
+    with pytest.raises(FormatError, match=r"casting='unsafe'"):
+        bridge.plan(STATE, to="torch", source="torch", dtype=dtype)
+    out = bridge.convert(STATE, to="torch", source="torch", dtype=dtype, casting="unsafe")
+    assert out["w.weight"].numpy().dtype == np.dtype(dtype)
+    assert out["n"].dtype == torch.int64  # integer leaves are never cast
+
+
+def test_dtype_casts_between_floating_types_and_refuses_what_is_no_dtype():
+    out = bridge.convert(STATE, to="torch", source="torch", dtype="bfloat16")
+    assert out["w.weight"].dtype == torch.bfloat16 and out["n"].dtype == torch.int64
+    with pytest.raises(FormatError, match=r"^dtype='junk': not a dtype"):
+        bridge.convert(STATE, to="torch", source="torch", dtype="junk")
+    with pytest.raises(FormatError, match=r"^casting='same-kind': expected one of"):
+        bridge.convert(STATE, to="torch", source="torch", dtype="float16", casting="same-kind")
