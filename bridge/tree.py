@@ -426,18 +426,22 @@ def as_numpy(key: str, value: Any) -> np.ndarray:
         ) from exc
 
 
-def check_nestable(paths: Iterable[Path], where: str) -> None:
-    """Refuse, naming both keys, the flat paths one nested tree (NNX State, Linen
-    variables) cannot hold: the same path twice, a leaf that is also the parent of others
-    (`a` and `a.b`, which flat formats such as safetensors hold), and a node holding both
-    a list position and a name (`h.1` and `h.01`: NNX sorts the keys of every node, and
-    ints and strings do not compare)."""
+def check_nestable(paths: Iterable[Path], where: str, sep: str = ".") -> None:
+    """Refuse, naming both keys (parts joined by `sep`), the flat paths one nested tree
+    (NNX State, Linen variables, a msgpack map, an Orbax tree) cannot hold: the same path
+    twice, a leaf that is also the parent of others (`a` and `a.b`, which flat formats
+    such as safetensors hold), and a node holding both a list position and a name (`h.1`
+    and `h.01`: NNX sorts the keys of every node, and ints and strings do not compare)."""
+
+    def spelled(path: Path) -> str:
+        return repr(sep.join(map(str, path)))
+
     paths = list(paths)
     leaves: set[Path] = set()
     for path in paths:
         if path in leaves:
             raise FormatError(
-                f"{where}: two leaves are spelled {dotted(path)!r}; rename one with rules=..."
+                f"{where}: two leaves are spelled {spelled(path)}; rename one with rules=..."
             )
         leaves.add(path)
     children: dict[Path, dict[bool, Path]] = {}
@@ -446,14 +450,14 @@ def check_nestable(paths: Iterable[Path], where: str) -> None:
             parent = path[:depth]
             if depth and parent in leaves:
                 raise FormatError(
-                    f"{where}: {dotted(parent)!r} is both a leaf and the parent of "
-                    f"{dotted(path)!r}; a nested tree cannot hold both, rename one with rules=..."
+                    f"{where}: {spelled(parent)} is both a leaf and the parent of "
+                    f"{spelled(path)}; a nested tree cannot hold both, rename one with rules=..."
                 )
             seen = children.setdefault(parent, {})
             seen.setdefault(isinstance(path[depth], str), path)
             if len(seen) > 1:
                 raise FormatError(
-                    f"{where}: {dotted(seen[True])!r} and {dotted(seen[False])!r}: a nested tree "
+                    f"{where}: {spelled(seen[True])} and {spelled(seen[False])}: a nested tree "
                     "cannot hold a list position and a name under one node "
-                    f"({dotted(parent) or 'the top'}); rename one with rules=..."
+                    f"({sep.join(map(str, parent)) or 'the top'}); rename one with rules=..."
                 )

@@ -165,7 +165,7 @@ def test_a_flat_file_holding_a_and_a_b_stays_flat_and_is_refused_by_nested_forma
     assert sorted(bridge.convert(file, to="torch")) == ["a", "a.b"]
     out = bridge.convert(file, to="safetensors", path=tmp_path / "copy.safetensors")
     assert [row.target for row in bridge.inspect(out).rows] == ["a", "a.b"]
-    for to, first, second in [("nnx_state", "a", "a.b"), ("linen", "params.a", "params.a.b")]:
+    for to, first, second in [("nnx_state", "a", "a.b"), ("linen", "params/a", "params/a/b")]:
         with pytest.raises(
             FormatError,
             match=rf"^safetensors '{file}' -> {to}: '{first}' is both a leaf and the parent of "

@@ -82,7 +82,7 @@ def write_linen(flat: FlatState, ctx: Context) -> dict[str, Any]:
     boxed = ctx.options.get("boxed", False)
     subject = ctx.report.subject or "linen"
     keys = {path: (leaf.kind or "params", *linen_path(path)) for path, leaf in flat.items()}
-    check_nestable(keys.values(), subject)  # before any array is placed
+    check_nestable(keys.values(), subject, sep="/")  # before any array is placed
     out: dict[tuple[str, ...], Any] = {}
     unboxed_metadata = 0
     for path, leaf in track(flat, ctx, "loading"):

@@ -58,6 +58,7 @@ from bridge.tree import (
     FlatState,
     Leaf,
     as_numpy,
+    check_nestable,
     dotted,
     index_of,
     is_linen_collection,
@@ -663,13 +664,7 @@ def _check_keys(stored: list[tuple[StoredPath, tuple[Any, ...], str]]) -> None:
                 f"{key!r}: a key part holds '.' or '/', which Orbax uses to name and store "
                 "arrays; it would be ambiguous in the checkpoint; rename it with rules=..."
             )
-    prefixes = {parts[:end]: key for parts, _, key in stored for end in range(1, len(parts))}
-    for parts, _, key in stored:
-        if parts in prefixes:
-            raise FormatError(
-                f"{key!r} is an array and also a prefix of {prefixes[parts]!r}; a nested "
-                "checkpoint tree cannot hold both"
-            )
+    check_nestable([parts for parts, _, _ in stored], "an Orbax checkpoint tree")
 
 
 def _leaf_description(
