@@ -166,7 +166,7 @@ def _json(data: bytes, file: Path, what: str) -> Any:
     except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise FormatError(f"{file}: {what} is not JSON ({exc})") from None
     except RecursionError:
-        raise FormatError(f"{file}: {what} nests too deep to be what it should be") from None
+        raise FormatError(f"{file}: {what} nests deeper than Python parses JSON") from None
 
 
 def _shape_error(shape: tuple[int, ...], dtype: np.dtype) -> str | None:
