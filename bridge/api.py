@@ -11,7 +11,7 @@ from typing import Any, Literal, overload
 
 from bridge.graph import GRAPH, Context, Edge, Format
 from bridge.mapping import Report, Rule, apply_rules, match
-from bridge.tree import FlatState, cast_floating
+from bridge.tree import FlatState, cast_floating, cast_target
 
 
 def detect(obj: Any) -> str:
@@ -57,12 +57,16 @@ def _run(
     hops = GRAPH.route(src, to, ctx.satisfies())
     src_format, dst_format = GRAPH.format(src), GRAPH.format(to)
     known = frozenset().union(
-        {"dtype", "progress"}, src_format.options, *(GRAPH.format(e.dst).options for e in hops)
+        {"dtype", "casting", "progress"},
+        src_format.options,
+        *(GRAPH.format(e.dst).options for e in hops),
     )
     if unknown := sorted(set(options) - known):
         raise TypeError(
             f"unknown option(s) {unknown} for {src} -> {to}; known: {sorted(known) or 'none'}"
         )
+    dtype = options.get("dtype")
+    target = None if dtype is None else cast_target(dtype, options.get("casting", "same_kind"))
     if template is not None:  # a file template gives its skeleton: no array data read
         template_format = GRAPH.format(GRAPH.detect(template))
         ctx.template_flat = (template_format.inspect or template_format.read)(template, ctx)
@@ -76,8 +80,8 @@ def _run(
         if edge.transform is not None:
             flat = edge.transform(flat, ctx)
     flat = apply_rules(flat, ctx.rules, ctx.report, stacking=True)
-    if options.get("dtype") is not None:
-        flat = cast_floating(flat, options["dtype"])
+    if target is not None:
+        flat = cast_floating(flat, target)
     if ctx.template_flat is not None:
         flat = match(flat, ctx.template_flat, ctx.report, dst_format.spell, read_values=not dry)
     return src, hops, flat, ctx
@@ -121,6 +125,11 @@ def convert(
     must receive exactly one source leaf. `rules` rename source keys first. With
     `strict=True` any mismatch raises `MismatchError`; with `strict=False` the call
     returns `(result, report)` and the report lists every leaf it could not fill.
+
+    `dtype=` casts every floating-point leaf (integer and bool leaves stay as they are)
+    to another floating type, e.g. `dtype="bfloat16"`. A cast to an integer or bool dtype
+    rounds, wraps or truncates values: it is a `FormatError` unless asked for with
+    `casting="unsafe"` (numpy's name for such casts).
     """
     _, _, flat, ctx = _run(obj, to, source, template, rules, strict, options)
     if strict:

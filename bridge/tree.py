@@ -8,7 +8,8 @@ spelled the NNX way (`("layers", 0, "kernel")`). The spellings of the other form
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+import reprlib
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
@@ -254,25 +255,29 @@ def changed_by(value: Any, dtype: Any) -> tuple[int, ...] | None:
     return tuple(int(i) for i in np.argwhere(differs)[0]) if differs.any() else None
 
 
-def to_jax(value: Any, sharding: jax.sharding.Sharding | None = None) -> Any:
+def to_jax(value: Any, where: str, sharding: jax.sharding.Sharding | None = None) -> Any:
     """A leaf value as the Flax formats hold it: jax arrays and placeholders unchanged,
     numpy and lazy arrays read and put on the default device; with a sharding over
     several devices, each device's slice is read and placed on its own, so a device
     never receives (and a lazy file never gives) more than its shard. A 64-bit value
-    that JAX would narrow (x64 off) stays a numpy array on the host, never narrowed."""
+    that JAX would narrow (x64 off) stays a numpy array on the host, never narrowed.
+    `where` names the leaf in the `FormatError` for a value that is not numbers
+    (`native_numbers`)."""
     if isinstance(value, jax.ShapeDtypeStruct):
         return value
     dtype = getattr(value, "dtype", None)
     if jax_narrows(dtype if dtype is not None else np.asarray(value).dtype):
-        return np.array(read_slice(value))
+        return native_numbers(np.array(read_slice(value)), where)
     if sharding is not None and len(sharding.device_set) > 1:
         shape = tuple(np.shape(value))
         return jax.make_array_from_callback(
-            shape, sharding, lambda index: _unaliased(read_slice(value, index, view=True))
+            shape,
+            sharding,
+            lambda index: _unaliased(native_numbers(read_slice(value, index, view=True), where)),
         )
     if isinstance(value, jax.Array):
         return value
-    array = read_slice(value, view=True)
+    array = native_numbers(read_slice(value, view=True), where)
     # A contiguous view of a file's map must be copied (jax would alias it on the CPU);
     # a strided one (a transposed kernel) jax copies itself, in one pass.
     contiguous = array.flags.c_contiguous
@@ -287,9 +292,47 @@ def _unaliased(array: np.ndarray) -> np.ndarray:
     return np.array(array) if array.flags.c_contiguous else array
 
 
-def cast_floating(flat: FlatState, dtype: Any) -> FlatState:
-    """Every floating-point leaf as `dtype`, lazily (`convert(..., dtype=...)`)."""
-    target = np.dtype(dtype)
+def native_numbers(value: Any, where: str) -> np.ndarray:
+    """`value` as jax and torch take it: a numpy array of numbers (bool, int, float,
+    complex, bf16 / fp8) in native byte order; a big-endian array is converted (same
+    values). Strings, bytes, dates and objects are a `FormatError` naming `where`."""
+    array = np.asarray(value)
+    if not (jnp.issubdtype(array.dtype, jnp.number) or array.dtype == np.bool_):
+        raise FormatError(
+            f"{where}: {reprlib.repr(value)} is of dtype {array.dtype}, where an array of "
+            "numbers is expected"
+        )
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    # numpy's canonical type of the kind and size: `np.asarray(2**63)` is a `ulonglong`,
+    # which torch refuses, where the same `uint64` it takes
+    return array.view(np.dtype(array.dtype.str)) if array.dtype.kind in "biufc" else array
+
+
+CASTINGS = ("same_kind", "unsafe")
+"""`convert(..., casting=)`: numpy's names for the casts `dtype=` may make."""
+
+
+def cast_target(dtype: Any, casting: str = "same_kind") -> np.dtype:
+    """The dtype `convert(..., dtype=, casting=)` casts floating-point leaves to: a
+    floating one, unless `casting="unsafe"` asks for an integer or bool one (a cast that
+    rounds, wraps or truncates values is never made by mistake)."""
+    if casting not in CASTINGS:
+        raise FormatError(f"casting={casting!r}: expected one of {', '.join(CASTINGS)}")
+    try:
+        target = np.dtype(jnp.dtype(dtype))
+    except TypeError as exc:
+        raise FormatError(f"dtype={dtype!r}: not a dtype ({exc})") from None
+    if not jnp.issubdtype(target, jnp.floating) and casting != "unsafe":
+        raise FormatError(
+            f"dtype={dtype!r}: dtype= casts floating-point leaves to another floating type; "
+            f"a cast to {target} does not keep their values, pass casting='unsafe' to ask for it"
+        )
+    return target
+
+
+def cast_floating(flat: FlatState, target: np.dtype) -> FlatState:
+    """Every floating-point leaf as `target` (see `cast_target`), lazily."""
     return {
         path: leaf.replace(
             value=Cast(leaf.value, target),
@@ -471,3 +514,40 @@ def as_numpy(key: str, value: Any) -> np.ndarray:
         raise FormatError(
             f"{key!r}: cannot make an array of {type(value).__name__}: {exc}"
         ) from exc
+
+
+def check_nestable(paths: Iterable[Path], where: str, sep: str = ".") -> None:
+    """Refuse, naming both keys (parts joined by `sep`), the flat paths one nested tree
+    (NNX State, Linen variables, a msgpack map, an Orbax tree) cannot hold: the same path
+    twice, a leaf that is also the parent of others (`a` and `a.b`, which flat formats
+    such as safetensors hold), and a node holding both a list position and a name (`h.1`
+    and `h.01`: NNX sorts the keys of every node, and ints and strings do not compare)."""
+
+    def spelled(path: Path) -> str:
+        return repr(sep.join(map(str, path)))
+
+    paths = list(paths)
+    leaves: set[Path] = set()
+    for path in paths:
+        if path in leaves:
+            raise FormatError(
+                f"{where}: two leaves are spelled {spelled(path)}; rename one with rules=..."
+            )
+        leaves.add(path)
+    children: dict[Path, dict[bool, Path]] = {}
+    for path in paths:
+        for depth in range(len(path)):
+            parent = path[:depth]
+            if depth and parent in leaves:
+                raise FormatError(
+                    f"{where}: {spelled(parent)} is both a leaf and the parent of "
+                    f"{spelled(path)}; a nested tree cannot hold both, rename one with rules=..."
+                )
+            seen = children.setdefault(parent, {})
+            seen.setdefault(isinstance(path[depth], str), path)
+            if len(seen) > 1:
+                raise FormatError(
+                    f"{where}: {spelled(seen[True])} and {spelled(seen[False])}: a nested tree "
+                    "cannot hold a list position and a name under one node "
+                    f"({sep.join(map(str, parent)) or 'the top'}); rename one with rules=..."
+                )

@@ -69,6 +69,16 @@ def main(directory: str) -> None:
     # the transposed kernel is read through the permuted index: (out, in) slices of 4 x 4
     sizes = {tuple(part.stop - part.start for part in index) for index in weight_reads}
     assert sizes == {(4, 4)}, weight_reads
+
+    # a big-endian array is placed slice by slice too, in native byte order, same values
+    big_endian = np.arange(8, dtype=">f4")
+    halves = jax.sharding.NamedSharding(mesh, jax.P("a"))
+    state = bridge.convert(
+        {"w": big_endian}, "nnx_state", source="nnx_state", shardings={"w": halves}
+    )
+    placed = state["w"].get_value()
+    assert placed.dtype == np.float32 and placed.sharding == halves, placed
+    np.testing.assert_array_equal(np.asarray(placed), big_endian)
     print("sharded load ok:", len(weight_reads), "slice reads of up.weight")
 
 

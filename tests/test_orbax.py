@@ -496,7 +496,7 @@ def test_orbax_collides_dotted_keys_silently_so_bridge_refuses_them(tmp_path):
         r"Orbax array 'a\.b'",
         (("layers", 0), ("layers", "0")): r"\('layers', 0\) and \('layers', '0'\) would both",
         (("a/b",), ("c",)): r"'a/b': a key part holds '\.' or '/'",
-        (("a",), ("a", "b")): "'a' is an array and also a prefix of 'a.b'",
+        (("a",), ("a", "b")): "'a' is both a leaf and the parent of 'a.b'",
     }
     for keys, message in cases.items():
         flat = {key: Leaf(np.ones(2)) for key in keys}

@@ -17,7 +17,6 @@ from flax.core import meta
 from flax.nnx import State, variablelib
 from flax.nnx.bridge.variables import NNXMeta
 
-from bridge.errors import FormatError
 from bridge.graph import Context, register_conversion, register_format
 from bridge.mapping import drop_transient, set_aside_training
 from bridge.progress import track
@@ -29,6 +28,7 @@ from bridge.tree import (
     Leaf,
     Path,
     by_collection,
+    check_nestable,
     flatten_mapping,
     flax_metadata,
     is_linen_collection,
@@ -85,16 +85,15 @@ def read_linen(variables: Mapping[str, Any], ctx: Context) -> FlatState:
 
 def write_linen(flat: FlatState, ctx: Context) -> dict[str, Any]:
     boxed = ctx.options.get("boxed", False)
+    subject = ctx.report.subject or "linen"
+    keys = {path: (leaf.kind or "params", *linen_path(path)) for path, leaf in flat.items()}
+    check_nestable(keys.values(), subject, sep="/")  # before any array is placed
     out: dict[tuple[str, ...], Any] = {}
     unboxed_metadata = 0
     on_host: list[str] = []
     for path, leaf in track(flat, ctx, "loading"):
-        key = (leaf.kind or "params", *linen_path(path))
-        if key in out:
-            raise FormatError(
-                f"two leaves map to Linen path {'/'.join(key)!r}; rename one with rules=..."
-            )
-        leaf = leaf.replace(value=to_jax(leaf.value))
+        key = keys[path]
+        leaf = leaf.replace(value=to_jax(leaf.value, f"{subject}: {'/'.join(key)!r}"))
         if isinstance(leaf.value, np.ndarray):
             on_host.append("/".join(key))
         out[key] = _box(leaf) if boxed else leaf.value

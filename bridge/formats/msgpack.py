@@ -42,10 +42,12 @@ from bridge.tree import (
     Path,
     as_numpy,
     by_collection,
+    check_nestable,
     index_of,
     is_linen_collection,
     is_training_state,
     linen_path,
+    unflatten_mapping,
 )
 
 SUFFIX = ".msgpack"
@@ -53,6 +55,9 @@ MAP_MARKERS = frozenset(range(0x80, 0x90)) | {0xDE, 0xDF}
 """First byte of a msgpack map (fixmap, map 16, map 32): Flax writes a state dict."""
 NATIVE = (bool, int, float, complex, str, bytes)
 """Python values msgpack stores as themselves (a TrainState's `step` is a Python int)."""
+MAX_DEPTH = 128
+"""The deepest nesting read: far beyond any model's, far below what would exhaust
+Python's recursion (msgpack itself decodes maps nested 1000 deep)."""
 
 
 def is_collection_first(tree: Mapping[Any, Any]) -> bool:
@@ -97,6 +102,11 @@ def _walk(
     node: Any, path: Path, where: str, seen: _Seen, linen: bool
 ) -> Iterator[tuple[Path, Any]]:
     """`(path, leaf value)` of a restored tree, checking every key and value."""
+    if len(path) > MAX_DEPTH:
+        raise FormatError(
+            f"{where}: {'/'.join(map(str, path[:3]))}/... nests more than {MAX_DEPTH} deep; "
+            "not a Flax state"
+        )
     if isinstance(node, dict | list):
         if not node and path:
             seen.empty.append(path)
@@ -136,6 +146,10 @@ def _restore(data: bytes | bytearray, where: str) -> Any:
         raise FormatError(
             f"{where}: the msgpack map ends at offset {len(data) - len(exc.extra)}, but "
             f"{len(exc.extra)} more bytes follow; not one Flax msgpack state"
+        ) from None
+    except RecursionError:
+        raise FormatError(
+            f"{where}: maps and lists nest too deep to decode; not a Flax msgpack state"
         ) from None
     except (msgpack.UnpackException, ValueError, TypeError, KeyError, IndexError) as exc:
         raise FormatError(
@@ -223,43 +237,20 @@ def _key(path: Path, leaf: Leaf) -> tuple[str, ...]:
     return tuple(str(part) for part in path)
 
 
-def _nest(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for key, value in flat.items():
-        node = tree
-        for depth, part in enumerate(key[:-1]):
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise FormatError(
-                    f"{'/'.join(key[: depth + 1])!r} is both a leaf and the parent of "
-                    f"{'/'.join(key)!r}; a msgpack map cannot hold both"
-                )
-        if key[-1] in node:
-            raise FormatError(
-                f"{'/'.join(key)!r} is both a leaf and the parent of other leaves; "
-                "a msgpack map cannot hold both"
-            )
-        node[key[-1]] = value
-    return tree
-
-
 def _serialize(flat: FlatState, ctx: Context) -> bytes:
-    values: dict[tuple[str, ...], Any] = {}
-    for path, leaf in track(flat, ctx, "reading"):  # lazy sources are read here
-        key = _key(path, leaf)
-        if not key:
-            raise FormatError("a leaf with an empty path has no key in a msgpack map")
-        if key in values:
-            raise FormatError(
-                f"two leaves map to msgpack key {'/'.join(key)!r}; rename one with rules=..."
-            )
-        values[key] = _value("/".join(key), leaf)
+    keys = {path: _key(path, leaf) for path, leaf in flat.items()}
+    if () in keys.values():
+        raise FormatError("a leaf with an empty path has no key in a msgpack map")
+    check_nestable(keys.values(), ctx.report.subject or "msgpack", sep="/")
+    values = {  # lazy sources are read here
+        keys[path]: _value("/".join(keys[path]), leaf) for path, leaf in track(flat, ctx, "reading")
+    }
     if with_metadata := sum(bool(leaf.metadata) for leaf in flat.values()):
         ctx.report.notes.append(
             f"{with_metadata} leaves written without their Variable metadata (partitioning, "
             "...): Flax msgpack holds arrays only"
         )
-    return serialization.msgpack_serialize(_nest(values), in_place=True)
+    return serialization.msgpack_serialize(unflatten_mapping(values), in_place=True)
 
 
 def write(flat: FlatState, ctx: Context) -> bytes | FilePath:

@@ -24,6 +24,7 @@ from bridge.tree import (
     FlatState,
     Leaf,
     Path,
+    check_nestable,
     dotted,
     flatten_mapping,
     flax_metadata,
@@ -112,31 +113,16 @@ def _fresh_rng(leaf: Leaf, index: int, seed: int) -> Any:
     return jnp.zeros(leaf.shape, leaf.dtype)
 
 
-def _check_mixed_keys(flat: FlatState) -> None:
-    """NNX sorts the keys of every node, so a node cannot hold both a position and a name
-    (`h.1` and `h.01`): refused, naming both, before anything is placed."""
-    children: dict[Path, dict[type, Path]] = {}
-    for path in flat:
-        for depth in range(len(path)):
-            seen = children.setdefault(path[:depth], {})
-            seen.setdefault(type(path[depth]), path)
-            if len(seen) > 1:
-                first, second = seen.values()
-                raise FormatError(
-                    f"{dotted(first)!r} and {dotted(second)!r}: an NNX State cannot hold a list "
-                    f"position and a name under one node ({dotted(path[:depth]) or 'the top'}); "
-                    "rename one with rules=..."
-                )
-
-
 def write_state(flat: FlatState, ctx: Context) -> nnx.State:
-    _check_mixed_keys(flat)
+    subject = ctx.report.subject or "nnx_state"
+    check_nestable(flat, subject)
     like = _template_variables(ctx.template)
     seed = ctx.options.get("rng_seed", 0)
     variables = []
     on_host = []
     for index, (path, leaf) in enumerate(track(flat, ctx, "loading")):
-        value = to_jax(leaf.value, _sharding(path, like.get(path), ctx))
+        where = f"{subject}: {dotted(path)!r}"
+        value = to_jax(leaf.value, where, _sharding(path, like.get(path), ctx))
         if isinstance(value, np.ndarray):
             on_host.append(dotted(path))
         if leaf.transient and leaf.is_abstract:

@@ -37,8 +37,9 @@ import dataclasses
 import glob
 import os
 import re
+import reprlib
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -58,7 +59,9 @@ from bridge.tree import (
     FlatState,
     Leaf,
     as_numpy,
+    check_nestable,
     dotted,
+    index_of,
     is_linen_collection,
     is_training_state,
     match_key,
@@ -81,6 +84,13 @@ COLLECTION_FIRST_SOURCES = frozenset({"linen", "msgpack"})
 module-first, the way NNX users save `nnx.state(model)`."""
 UNSAFE_KEY_CHARACTERS = (".", "/")
 """Orbax joins keys with "." into array names, and "/" separates storage paths."""
+LAYOUTS = ("module-first", "collection-first")
+DESCRIPTION_FIELDS = {"bridge_version": str, "source": str, "layout": str, "leaves": dict}
+LEAF_FIELDS = {"kind": str | None, "ints": list, "metadata": dict, "transient": bool, "key": bool}
+"""The fields of bridge's description and of its record of each array, with their types."""
+RESERVED_METADATA = frozenset({"value", MESH})
+"""Names no Variable metadata stored by bridge has: the value itself, and the mesh (no
+JSON holds a jax Mesh)."""
 
 Key = str | int
 StoredPath = tuple[Key, ...]
@@ -251,9 +261,30 @@ def _description(checkpoint: _Checkpoint) -> dict[str, Any] | None:
     description = (custom or {}).get(DESCRIPTION_KEY)
     if description is None:
         return None
-    if not (isinstance(description, dict) and isinstance(description.get("leaves"), dict)):
-        raise FormatError(f"{where}: the {DESCRIPTION_KEY!r} custom metadata is malformed")
+    reason = _malformed(description, DESCRIPTION_FIELDS, required=DESCRIPTION_FIELDS)
+    if reason is None and description["layout"] not in LAYOUTS:
+        reason = f"has layout {reprlib.repr(description['layout'])}, expected one of {LAYOUTS}"
+    if reason is not None:
+        raise FormatError(
+            f"{where}: the {DESCRIPTION_KEY!r} custom metadata {reason}: the checkpoint was "
+            "changed after bridge wrote it"
+        )
     return description
+
+
+def _malformed(record: Any, fields: Mapping[str, Any], required: Collection[str]) -> str | None:
+    """Why `record` is not a JSON object of `fields` (name -> type) with every `required`
+    one, or None."""
+    if not isinstance(record, dict):
+        return f"is a {type(record).__name__}, expected an object"
+    if missing := sorted(set(required) - set(record)):
+        return f"lacks {', '.join(missing)}"
+    if unknown := sorted(set(record) - set(fields)):
+        return f"has unknown fields {reprlib.repr(unknown)}"
+    for name, value in record.items():
+        if not isinstance(value, fields[name]):
+            return f"has {name}={reprlib.repr(value)}, not of the type bridge writes"
+    return None
 
 
 def _tree_metadata(directory: Path) -> Any:
@@ -314,30 +345,58 @@ class _Known(NamedTuple):
 def _described(full: list[StoredPath], description: dict[str, Any], where: Path) -> list[_Known]:
     """Each array as bridge's description records it: the exact original leaf."""
     leaves: dict[str, Any] = description["leaves"]
-    collection_first = description.get("layout") == "collection-first"
+    collection_first = description["layout"] == "collection-first"
     names = [".".join(str(part) for part in parts) for parts in full]
     if disagree := sorted(set(names) ^ set(leaves)):
         raise FormatError(
             f"{where}: the checkpoint's arrays and bridge's description of them disagree "
             f"(e.g. {disagree[0]!r}): the checkpoint was changed after bridge wrote it"
         )
-    known = []
-    for name, parts in zip(names, full, strict=True):
-        info = leaves[name]
-        ints = set(info.get("ints", ()))
-        path = parts[1:] if collection_first else parts
-        path = tuple(int(part) if index in ints else part for index, part in enumerate(path))
-        metadata = _from_json(info.get("metadata", {}))
-        known.append(
-            _Known(
-                path,
-                info.get("kind"),
-                metadata,
-                info.get("transient", False),
-                info.get("key", False),
-            )
+    return [
+        _known(name, parts, leaves[name], collection_first, where)
+        for name, parts in zip(names, full, strict=True)
+    ]
+
+
+def _known(name: str, parts: StoredPath, info: Any, collection_first: bool, where: Path) -> _Known:
+    """One array as its record in the description says, every field checked: a tampered
+    record is refused, never read as another key, kind or leaf."""
+
+    def malformed(reason: str) -> FormatError:
+        return FormatError(
+            f"{where}: bridge's description of array {name!r} {reason}: the checkpoint was "
+            "changed after bridge wrote it"
         )
-    return known
+
+    if reason := _malformed(info, LEAF_FIELDS, required={"kind"}):
+        raise malformed(reason)
+    kind = info["kind"]
+    path = parts[1:] if collection_first else parts
+    if collection_first and (not path or parts[0] != (kind or "params")):
+        raise malformed(f"has kind {kind!r}, but is stored under {parts[0]!r}")
+    ints = info.get("ints", [])
+    if not all(
+        type(index) is int and 0 <= index < len(path) and index_of(path[index]) is not None
+        for index in ints
+    ):
+        raise malformed(
+            f"has ints={reprlib.repr(ints)}, but only the digit parts of {list(path)} can be "
+            "list positions"
+        )
+    metadata = info.get("metadata", {})
+    if reserved := sorted(RESERVED_METADATA & set(metadata)):
+        raise malformed(f"has metadata {reserved}, which bridge never stores")
+    try:
+        metadata = _from_json(metadata)
+    except RecursionError:
+        raise malformed("has metadata nested too deep") from None
+    return _Known(
+        tuple(index_of(part) if index in ints else part for index, part in enumerate(path)),
+        kind,
+        metadata,
+        info.get("transient", False),
+        info.get("key", False),
+    )
 
 
 def _guessed(full: list[StoredPath], template_keys: set[str]) -> list[_Known]:
@@ -615,13 +674,7 @@ def _check_keys(stored: list[tuple[StoredPath, tuple[Any, ...], str]]) -> None:
                 f"{key!r}: a key part holds '.' or '/', which Orbax uses to name and store "
                 "arrays; it would be ambiguous in the checkpoint; rename it with rules=..."
             )
-    prefixes = {parts[:end]: key for parts, _, key in stored for end in range(1, len(parts))}
-    for parts, _, key in stored:
-        if parts in prefixes:
-            raise FormatError(
-                f"{key!r} is an array and also a prefix of {prefixes[parts]!r}; a nested "
-                "checkpoint tree cannot hold both"
-            )
+    check_nestable([parts for parts, _, _ in stored], "an Orbax checkpoint tree")
 
 
 def _leaf_description(

@@ -14,9 +14,11 @@ needs every array of the file in memory at once. Shards are laid out as `transfo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import reprlib
 import struct
 from collections.abc import Mapping
 from pathlib import Path
@@ -39,6 +41,8 @@ FILE_METADATA = {"format": "pt"}
 MAX_HEADER_BYTES = 100_000_000
 """The safetensors library's own limit, which also keeps a garbage length from making
 us read a whole file as a header."""
+MAX_DIMS = 64
+"""The most axes numpy (and so every reader here) gives an array."""
 
 DTYPES: dict[str, np.dtype] = {
     code: np.dtype(dtype)
@@ -154,6 +158,27 @@ def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+def _json(data: bytes, file: Path, what: str) -> Any:
+    """`data` parsed as JSON, keys unique; what is not JSON, or nests deeper than Python
+    parses (a few KB of `[[[...`), is a `FormatError` naming `file` and `what` it is."""
+    try:
+        return json.loads(data.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise FormatError(f"{file}: {what} is not JSON ({exc})") from None
+    except RecursionError:
+        raise FormatError(f"{file}: {what} nests deeper than Python parses JSON") from None
+
+
+def _shape_error(shape: tuple[int, ...], dtype: np.dtype) -> str | None:
+    """Why numpy, torch and jax cannot make an array of `shape` even with no data (at
+    most 64 axes; the product of the non-zero dimensions, in bytes, an int64), or None."""
+    if len(shape) > MAX_DIMS:
+        return f"{len(shape)} dimensions, at most {MAX_DIMS} allowed"
+    if math.prod(dim for dim in shape if dim) * dtype.itemsize >= 2**63:
+        return "its dimensions multiply past 2**63 bytes"
+    return None
+
+
 def read_file(path: Path) -> dict[str, SafetensorsArray]:
     """The tensors of one file, in file order; every header rule checked first."""
     with open(path, "rb") as handle:
@@ -171,13 +196,7 @@ def read_file(path: Path) -> dict[str, SafetensorsArray]:
                 "the file is truncated or not safetensors"
             )
         header_bytes = handle.read(header_len)
-    try:
-        header = json.loads(header_bytes.decode("utf-8"), object_pairs_hook=_unique_keys)
-    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise FormatError(
-            f"{path}: the {header_len}-byte header at offset 8 is not JSON ({exc}); "
-            "not a safetensors file"
-        ) from None
+    header = _json(header_bytes, path, f"the {header_len}-byte header at offset 8")
     if not isinstance(header, dict):
         raise FormatError(
             f"{path}: the header at offset 8 is a JSON {type(header).__name__}, expected an "
@@ -185,7 +204,9 @@ def read_file(path: Path) -> dict[str, SafetensorsArray]:
         )
     metadata = header.pop("__metadata__", {})
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise FormatError(f"{path}: __metadata__ must map strings to strings, got {metadata!r}")
+        raise FormatError(
+            f"{path}: __metadata__ must map strings to strings, got {reprlib.repr(metadata)}"
+        )
 
     data_start = 8 + header_len
     data_len = size - data_start
@@ -205,14 +226,17 @@ def read_file(path: Path) -> dict[str, SafetensorsArray]:
         ):
             raise FormatError(
                 f"{where}: expected {{dtype: str, shape: [int >= 0, ...], data_offsets: "
-                f"[begin, end]}}, got {info!r}"
+                f"[begin, end]}}, got {reprlib.repr(info)}"
             )
         dtype = DTYPES.get(info["dtype"])
         if dtype is None:
             raise FormatError(
-                f"{where}: unsupported dtype {info['dtype']!r}; known: {', '.join(DTYPES)}"
+                f"{where}: unsupported dtype {reprlib.repr(info['dtype'])}; known: "
+                f"{', '.join(DTYPES)}"
             )
         shape = tuple(info["shape"])
+        if reason := _shape_error(shape, dtype):
+            raise FormatError(f"{where}: shape {reprlib.repr(info['shape'])} has {reason}")
         begin, end = info["data_offsets"]
         expected = math.prod(shape) * dtype.itemsize
         if end > data_len:
@@ -259,10 +283,7 @@ def _check_packing(
 def _read_index(directory: Path) -> dict[str, SafetensorsArray]:
     """The tensors of a sharded directory; the index and every shard must agree exactly."""
     index_path = directory / INDEX_FILE
-    try:
-        index = json.loads(index_path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
-    except ValueError as exc:
-        raise FormatError(f"{index_path}: not a JSON index ({exc})") from None
+    index = _json(index_path.read_bytes(), index_path, "the index")
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(
         isinstance(name, str) and Path(name).name == name for name in weight_map.values()
@@ -332,23 +353,20 @@ def read(obj: str | os.PathLike[str], ctx: Context) -> FlatState:
 
 def parse_size(size: int | str) -> int:
     """`max_shard_size` in bytes: an int, or `"5GB"`, `"500MB"`, `"10KB"` (decimal units,
-    as `huggingface_hub` parses them)."""
+    as `huggingface_hub` parses them); a finite positive number of bytes."""
+    count: float = 0
     if isinstance(size, int) and not isinstance(size, bool):
         count = size
     elif isinstance(size, str) and size.strip()[-2:].upper() in SIZE_UNITS:
         text = size.strip()
-        try:
-            count = int(float(text[:-2]) * SIZE_UNITS[text[-2:].upper()])
-        except ValueError:
-            count = 0
-    else:
-        count = 0
-    if count <= 0:
+        with contextlib.suppress(ValueError):
+            count = float(text[:-2]) * SIZE_UNITS[text[-2:].upper()]
+    if not 1 <= count < math.inf:  # NaN, 'infGB' and '1e400GB' too
         raise FormatError(
             f"max_shard_size={size!r}: expected a positive number of bytes, or a string such "
             f"as '5GB' with unit {', '.join(SIZE_UNITS)}"
         )
-    return count
+    return int(count)
 
 
 def _code_of(dtype: Any) -> str | None:

@@ -25,7 +25,7 @@ from bridge.errors import FormatError
 from bridge.graph import Context, register_conversion, register_format
 from bridge.layout import TORCH_FAMILIES, family, to_flax, to_torch
 from bridge.progress import track
-from bridge.tree import FlatState, Leaf, as_numpy, dotted, parse_dotted
+from bridge.tree import FlatState, Leaf, dotted, native_numbers, parse_dotted
 
 SUFFIXES = (".pt", ".bin", ".pth")
 TORCH_ROLES = frozenset(
@@ -138,13 +138,20 @@ def _ties(state: Mapping[str, Any], module: Any) -> dict[str, str]:
 def read(obj: Any, ctx: Context) -> FlatState:
     families: dict[str, str | None] = {}
     module = obj if _is_module(obj) else None
+    where = "the state_dict"
     if isinstance(obj, str | os.PathLike):
+        where = os.fspath(obj)
         state = _load_file(FilePath(obj))
     elif module is not None:
         state = module.state_dict(keep_vars=True)
         families = {name: family(type(m), TORCH_FAMILIES) for name, m in obj.named_modules()}
     else:
         state = obj
+    if odd := [key for key in state if not isinstance(key, str)]:
+        raise FormatError(
+            f"{where}: key {odd[0]!r} is of type {type(odd[0]).__name__}; a state_dict's keys "
+            "are dotted strings ('layers.0.weight')"
+        )
     ties = _ties(state, module)
     flat: FlatState = {}
     for key, value in state.items():
@@ -163,6 +170,7 @@ def write(flat: FlatState, ctx: Context) -> dict[str, Any]:
     tensors: dict[int, Any] = {}
     state = {}
     sources: dict[str, str] = {}
+    subject = ctx.report.subject or "torch"
     for path, leaf in track(flat, ctx, "converting"):
         key = dotted(path)
         if key in sources:
@@ -172,19 +180,19 @@ def write(flat: FlatState, ctx: Context) -> dict[str, Any]:
             )
         sources[key] = leaf.source
         if id(leaf.value) not in tensors:
-            tensors[id(leaf.value)] = from_numpy(_array(key, leaf))
+            tensors[id(leaf.value)] = from_numpy(_array(f"{subject}: {key!r}", leaf))
         state[key] = tensors[id(leaf.value)]
     return state
 
 
-def _array(key: str, leaf: Leaf) -> np.ndarray:
+def _array(where: str, leaf: Leaf) -> np.ndarray:
     """A leaf's data; a placeholder that a format re-creates (a BatchNorm step count of a
     meta-device template, which no Flax module keeps) as a fresh module has it: zeros."""
     if leaf.is_abstract and leaf.transient:
         return np.zeros(leaf.shape, leaf.dtype)
     if leaf.is_abstract:
-        raise FormatError(f"{key!r} is abstract ({leaf.value}); it has no data to write")
-    return as_numpy(key, leaf.value)
+        raise FormatError(f"{where} is abstract ({leaf.value}); it has no data to write")
+    return native_numbers(leaf.value, where)
 
 
 def detect(obj: Any) -> float:
