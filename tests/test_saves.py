@@ -627,6 +627,7 @@ STUCK_SAVES = textwrap.dedent(
     jobs = [
         lambda: write("safetensors", "weights.safetensors"),
         lambda: write("safetensors", "hf", max_shard_size=1_000_000),
+        lambda: write("safetensors", "hf_new"),
         lambda: write("msgpack", "ckpt.msgpack"),
         lambda: bridge.save({"params": {"w": big}}, root / "ckpt", format="orbax", overwrite=True),
     ]
@@ -675,8 +676,9 @@ def test_temporaries_of_a_killed_save_are_swept_by_the_next_save_to_the_same_pla
     }
     assert after == before  # a killed save leaves the old outputs as they were
     left = _leftovers(root)
-    for name in ("weights.safetensors", "ckpt.msgpack", "ckpt", "hf"):
+    for name in ("weights.safetensors", "ckpt.msgpack", "ckpt", "hf", "hf_new"):
         assert any(name in entry for entry in left), (name, left)
+    assert not (root / "hf_new").exists()  # a new directory appears whole or not at all
 
     new = {"params": {"w": np.ones(3, np.float32)}}
     for format, name in [
@@ -686,7 +688,10 @@ def test_temporaries_of_a_killed_save_are_swept_by_the_next_save_to_the_same_pla
     ]:
         bridge.save(new, root / name, format=format, overwrite=True)
     _save(_state(10.0), root / "hf", overwrite=True)
+    new_others = _hf_directory(root / "hf_new")  # made meanwhile, by save_pretrained say
+    _save(_state(10.0), root / "hf_new")
     assert _leftovers(root) == []
+    assert _others(root / "hf_new") == new_others
     assert _others(root / "hf") == others
 
 

@@ -491,6 +491,7 @@ def write(flat: FlatState, ctx: Context) -> Path:
     limit = math.inf if max_shard_size is None else parse_size(max_shard_size)
     layout = shard_layout(sizes, limit)
     if os.path.lexists(target):
+        sweep(target.parent, lambda output: output == target.name)  # of a new directory's save
         _write_directory(target, layout, leaves, ctx, overwrite)
     else:  # a new directory appears whole, or not at all
         with atomic_output(target, directory=True) as built:
@@ -558,6 +559,7 @@ def _write_directory(
             else:
                 for name, temp in temps.items():
                     move(temp.path, directory / name, replace=overwrite)
+            fsync(directory)  # the shards' names are on disk before the index that lists them
             move(index.path, directory / INDEX_FILE, replace=overwrite)
             for temp in temps.values():
                 if temp.kept:
