@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -48,9 +49,9 @@ SHARD_BYTES = 20_000  # one (64, 64) float32 tensor per shard: four shards
 Canonical = dict[str, tuple[str, tuple[int, ...], bytes]]
 
 
-def _state(fill: float, *, n: int = 4, size: int = 64) -> dict[str, np.ndarray]:
+def _state(fill: float, *, n: int = 4) -> dict[str, np.ndarray]:
     """`n` float32 tensors, each a different value: loading a mix of two states shows."""
-    return {f"h.{i}.weight": np.full((size, size), fill + i, np.float32) for i in range(n)}
+    return {f"h.{i}.weight": np.full((64, 64), fill + i, np.float32) for i in range(n)}
 
 
 def _save(state: Any, path: Path | str, **options: Any) -> Path:
@@ -203,12 +204,24 @@ def test_weights_go_into_a_save_pretrained_directory_without_overwrite(tmp_path)
         assert torch.equal(reloaded(ids).logits, model(ids).logits)
 
 
+FOUR_SHARDS = [f"model-{i:05d}-of-00004.safetensors" for i in (1, 2, 3, 4)]
+TWO_SHARDS = [f"model-{i:05d}-of-00002.safetensors" for i in (1, 2)]
+INDEX = "model.safetensors.index.json"
+
+
 @pytest.mark.parametrize(
-    ("old", "new"),
-    [(None, None), (SHARD_BYTES, None), (None, SHARD_BYTES), (SHARD_BYTES, 2 * SHARD_BYTES)],
+    ("old", "new", "written"),
+    [
+        (None, None, ["model.safetensors"]),
+        (SHARD_BYTES, None, ["model.safetensors"]),
+        (None, SHARD_BYTES, [*FOUR_SHARDS, INDEX]),
+        (SHARD_BYTES, 2 * SHARD_BYTES, [*TWO_SHARDS, INDEX]),
+    ],
     ids=["single-single", "shards-single", "single-shards", "4shards-2shards"],
 )
-def test_weights_already_there_need_overwrite_and_only_they_are_replaced(tmp_path, old, new):
+def test_weights_already_there_need_overwrite_and_only_they_are_replaced(
+    tmp_path, old, new, written
+):
     directory = tmp_path / "model"
     _save(_state(1.0), directory, max_shard_size=old)
     others = _hf_directory(directory)
@@ -221,19 +234,7 @@ def test_weights_already_there_need_overwrite_and_only_they_are_replaced(tmp_pat
     _save(_state(10.0), directory, max_shard_size=new, overwrite=True)
     assert _outcome(directory, {"new": _canonical(_state(10.0))}) == {"new"}
     assert _others(directory) == others
-    expected = (
-        ["model.safetensors"]
-        if new is None
-        else [
-            "model-00001-of-00002.safetensors",
-            "model-00002-of-00002.safetensors",
-            "model.safetensors.index.json",
-        ]
-    )
-    if new == SHARD_BYTES:
-        expected = [f"model-{i:05d}-of-00004.safetensors" for i in (1, 2, 3, 4)]
-        expected.append("model.safetensors.index.json")
-    assert _weight_files(directory) == expected
+    assert _weight_files(directory) == written  # no stale shard, no stale index
     assert _leftovers(tmp_path) == []
 
 
@@ -541,20 +542,15 @@ def test_a_killed_directory_save_leaves_the_old_or_the_new_weights(tmp_path):
     """Processes saving two states in turn into an HF directory, SIGKILLed at random."""
     script = tmp_path / "save_loop.py"
     script.write_text(SAVE_LOOP)
-    states = {
-        name: _canonical(
-            {f"h.{i}.weight": np.full((512, 512), fill + i, np.float32) for i in range(4)}
-        )
-        for name, fill in (("new", 10.0), ("old", 1.0))
-    }
+
+    def state(fill: float) -> dict[str, np.ndarray]:  # as the script's: four 1 MB shards
+        return {f"h.{i}.weight": np.full((512, 512), fill + i, np.float32) for i in range(4)}
+
+    states = {"new": _canonical(state(10.0)), "old": _canonical(state(1.0))}
     directories, processes = [], []
     for run in range(3):
         directory = tmp_path / f"run{run}" / "model"
-        _save(
-            {f"h.{i}.weight": np.full((512, 512), 1.0 + i, np.float32) for i in range(4)},
-            directory,
-            max_shard_size=1_100_000,
-        )
+        _save(state(1.0), directory, max_shard_size=1_100_000)
         _hf_directory(directory)
         directories.append((directory, _others(directory)))
         processes.append(
@@ -570,7 +566,7 @@ def test_a_killed_directory_save_leaves_the_old_or_the_new_weights(tmp_path):
     for process in processes:
         _wait_for_line(process, "ready")
     for process in processes:
-        select.select([], [], [], delays.uniform(0.3, 1.5))
+        time.sleep(delays.uniform(0.3, 1.5))
         process.send_signal(signal.SIGKILL)
         process.wait()
     for directory, others in directories:
