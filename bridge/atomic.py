@@ -66,11 +66,13 @@ class Temporary:
                 self.path.mkdir()
             else:
                 os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-            self._handle = os.open(self.path, os.O_RDONLY)
-            _lock(self._handle, wait=True)
-            if _names(self.path, self._handle):
-                return
-            os.close(self._handle)  # swept between its making and its locking: make another
+            with contextlib.suppress(FileNotFoundError):
+                self._handle = os.open(self.path, os.O_RDONLY)
+                _lock(self._handle, wait=True)
+                if _names(self.path, self._handle):
+                    return
+                os.close(self._handle)
+            # swept between its making and its locking: make another
 
     def close(self) -> None:
         if not self.kept and _names(self.path, self._handle):
