@@ -140,12 +140,13 @@ def _outcome(directory: Path, states: Mapping[str, Canonical]) -> set[str]:
 
 
 class _Steps:
-    """Calls `on_step(k)` before the k-th call of any function that changes which files a
-    directory holds (renames, links, removals), as a crash right there would see it."""
+    """Calls `on_step(k, args)` before the k-th call of any function that changes which
+    files a directory holds (renames, links, removals), as a crash right there would see
+    it; `args` are the call's."""
 
     FUNCTIONS = ("replace", "rename", "link", "unlink", "rmdir")
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, on_step: Callable[[int], None]) -> None:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, on_step: Callable[..., None]) -> None:
         self.count = 0
         self.busy = False
         for name in self.FUNCTIONS:
@@ -154,13 +155,13 @@ class _Steps:
         if native is not None:
             monkeypatch.setattr(atomic, "_renameat2", self._wrap(native, on_step))
 
-    def _wrap(self, function: Callable[..., Any], on_step: Callable[[int], None]) -> Callable:
+    def _wrap(self, function: Callable[..., Any], on_step: Callable[..., None]) -> Callable:
         def wrapped(*args: Any, **kwargs: Any) -> Any:
             if not self.busy:
                 self.count += 1
                 self.busy = True
                 try:
-                    on_step(self.count)
+                    on_step(self.count, args)
                 finally:
                     self.busy = False
             return function(*args, **kwargs)
@@ -384,16 +385,16 @@ def _their_output(path: Path) -> None:
 def test_an_output_that_appears_before_the_move_is_kept_without_overwrite(
     tmp_path, monkeypatch, format, name, appears, fallback
 ):
-    """Another writer creates the output between bridge's check and its move: every move
-    primitive first lets the other writer win; bridge must refuse, not replace."""
+    """Another writer creates the output between bridge's check and its move: each move
+    onto the output lets the other writer win first; bridge must refuse, not replace."""
     if fallback:
         _without_renameat2_or_hard_links(monkeypatch)
     contested = tmp_path / appears
     if contested.parent != tmp_path:
         contested.parent.mkdir()
 
-    def other_writer_first(step: int) -> None:
-        if not os.path.lexists(contested):
+    def other_writer_first(step: int, args: tuple) -> None:
+        if args[1:2] == (contested,) and not os.path.lexists(contested):
             _their_output(contested)
 
     _Steps(monkeypatch, other_writer_first)
@@ -437,7 +438,7 @@ def test_every_instant_of_a_directory_save_loads_the_old_or_the_new_weights(
     if fallback:
         _without_renameat2_or_hard_links(monkeypatch)
 
-    def snapshot(step: int) -> None:
+    def snapshot(step: int, args: tuple) -> None:
         copy = snapshots / f"{step:03d}"
         if directory.is_dir():
             shutil.copytree(directory, copy)
@@ -475,7 +476,7 @@ def test_a_failure_at_any_step_leaves_the_old_or_the_new_weights(
             if fallback:
                 _without_renameat2_or_hard_links(patch)
 
-            def fail(count: int, step: int = step) -> None:
+            def fail(count: int, args: tuple, step: int = step) -> None:
                 if count == step:
                     raise OSError(f"injected failure at step {step}")
 
@@ -747,7 +748,7 @@ def test_an_orbax_checkpoint_is_swapped_whole_and_never_absent(tmp_path, monkeyp
     old = _files(target)
     seen = []
 
-    def look(step: int) -> None:
+    def look(step: int, args: tuple) -> None:
         seen.append(_files(target) if target.is_dir() else None)
 
     _Steps(monkeypatch, look)
