@@ -63,5 +63,5 @@ try:
 except bridge.OutputExistsError as error:
     print(error)
 bridge.save(model, "gpt2-export", format="safetensors", template=meta_model, overwrite=True)
-print(sorted(os.listdir("gpt2-export")))
+print(sorted(path.name for path in out.iterdir()))
 # --8<-- [end:overwrite]
