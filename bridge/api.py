@@ -224,8 +224,14 @@ def save(
     overwrite: bool = False,
     **options: Any,
 ) -> pathlib.Path:
-    """Write `obj` to `path` in a file format (`"safetensors"`, ...); atomic, and an
-    existing `path` is replaced only with `overwrite=True`."""
+    """Write `obj` to `path` in a file format (`"safetensors"`, ...), atomically.
+
+    An existing output is replaced only with `overwrite=True`, and only by one of its
+    kind: a directory never becomes a file, nor a file a directory. A safetensors
+    directory is updated as `save_pretrained` updates it: its weight files are replaced
+    (which needs `overwrite`), every other file is kept. An Orbax checkpoint directory is
+    replaced whole.
+    """
     return convert(
         obj, to=format, template=template, path=os.fspath(path), overwrite=overwrite, **options
     )

@@ -84,7 +84,7 @@ from rich.table import Table
 from rich.tree import Tree
 
 import bridge
-from bridge.atomic import atomic_output
+from bridge.atomic import atomic_output, check_output
 from bridge.errors import BridgeError, MismatchError, OutputExistsError
 from bridge.graph import GRAPH, Context, Edge
 from bridge.mapping import Merge, Report, Split, Stack, Unstack
@@ -682,8 +682,8 @@ def convert(
                 f"--to {to} is an in-memory format; convert writes {', '.join(writable)}"
                 " or torch (.pt)"
             )
-        if torch_file and os.path.exists(dst) and not overwrite:
-            raise OutputExistsError(f"{dst} exists; pass --overwrite to replace it")
+        if torch_file:  # refused before converting, as the writers of other formats do
+            check_output(dst, overwrite=overwrite)
         kwargs = _options(template, rules, modules, dtype, strict)
         if not torch_file:
             kwargs.update(path=dst, overwrite=overwrite)

@@ -17,7 +17,8 @@ class FormatError(BridgeError, ValueError):
 
 
 class OutputExistsError(BridgeError, FileExistsError):
-    """The output path exists and `overwrite=True` was not given."""
+    """The output path holds what a save must not replace: an output, without
+    `overwrite=True`; a directory where a file goes or a file where a directory goes."""
 
 
 class NoRouteError(BridgeError):

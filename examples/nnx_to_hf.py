@@ -47,8 +47,8 @@ for key, tensor in hf_model.state_dict().items():
 with torch.device("meta"):
     meta_model = transformers.GPT2LMHeadModel(config)
 
+config.save_pretrained("gpt2-export")  # from_pretrained needs config.json next to the weights
 out = bridge.save(model, "gpt2-export", format="safetensors", template=meta_model)
-config.save_pretrained(out)  # from_pretrained needs config.json next to the weights
 
 reloaded = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
 with torch.no_grad():
@@ -63,4 +63,5 @@ try:
 except bridge.OutputExistsError as error:
     print(error)
 bridge.save(model, "gpt2-export", format="safetensors", template=meta_model, overwrite=True)
+print(sorted(path.name for path in out.iterdir()))
 # --8<-- [end:overwrite]

@@ -140,6 +140,13 @@ def cli(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]
     model = bridge.convert(str(work / "same.safetensors"), to="nnx", template=tmpl.abstract())
     bridge.save(model, work / "saved_ckpt", format="orbax")
     (work / "taken.safetensors").write_bytes(b"not a checkpoint")
+    (work / "hf").mkdir()  # a HF directory: weights and the files save_pretrained writes
+    safetensors.torch.save_file(same, work / "hf" / "model.safetensors", metadata={"format": "pt"})
+    (work / "hf" / "config.json").write_text('{"model_type": "mlp"}')
+    (work / "hf" / "tokenizer").mkdir()
+    (work / "hf" / "tokenizer" / "vocab.txt").write_text("a\nb\n")
+    (work / "a_dir.pt").mkdir()
+    (work / "a_dir.pt" / "keep.txt").write_text("kept")
     (work / "bad.toml").write_text('[[renam]]\npattern = "a"\nreplacement = "b"\n')
 
     convert = ["--template", "tmpl.py:abstract", "--rules", "rules.toml"]
@@ -209,6 +216,25 @@ def cli(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]
             "--dtype",
             "bf16",
             "--json",
+        ],
+        "in_place": [
+            "convert",
+            "hf",
+            "hf",
+            "--to",
+            "safetensors",
+            "--dtype",
+            "bf16",
+            "--overwrite",
+            "--json",
+        ],
+        "torch_onto_dir": [
+            "convert",
+            "same.safetensors",
+            "a_dir.pt",
+            "--to",
+            "torch",
+            "--overwrite",
         ],
     }
     after = {
@@ -378,3 +404,31 @@ def test_overwrite(cli: tuple[Path, dict[str, Any]]) -> None:
     assert {tensor.dtype for tensor in written.values()} == {torch.bfloat16}
     for key, tensor in expected.items():
         assert torch.equal(written[key], tensor.to(torch.bfloat16))
+
+
+def test_an_hf_directory_cast_in_place_keeps_its_other_files(
+    cli: tuple[Path, dict[str, Any]],
+) -> None:
+    work, out = cli
+    assert out["in_place"].returncode == 0, out["in_place"].stderr
+    assert json.loads(out["in_place"].stdout)["bytes"] == 46  # bf16: half of 92
+    written = safetensors.torch.load_file(work / "hf" / "model.safetensors")
+    expected = safetensors.torch.load_file(work / "same.safetensors")
+    assert written.keys() == expected.keys()
+    for key, tensor in expected.items():
+        assert torch.equal(written[key], tensor.to(torch.bfloat16))
+    assert (work / "hf" / "config.json").read_text() == '{"model_type": "mlp"}'
+    assert (work / "hf" / "tokenizer" / "vocab.txt").read_text() == "a\nb\n"
+    assert sorted(p.name for p in (work / "hf").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "tokenizer",
+    ]
+
+
+def test_a_directory_never_becomes_a_pt_file(cli: tuple[Path, dict[str, Any]]) -> None:
+    work, out = cli
+    refused = out["torch_onto_dir"]
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+    assert "a_dir.pt is a directory; a file output never replaces a directory" in refused.stderr
+    assert (work / "a_dir.pt" / "keep.txt").read_text() == "kept"

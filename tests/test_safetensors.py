@@ -585,24 +585,6 @@ def test_a_failing_overwrite_keeps_the_old_output(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out_dir"]
 
 
-def test_a_failed_final_rename_puts_the_old_output_back(tmp_path, monkeypatch):
-    target = tmp_path / "out_dir"
-    _write({"x": np.zeros(2)}, target)
-    before = {p.name: p.read_bytes() for p in target.iterdir()}
-    rename = os.rename
-
-    def rename_failing_for_the_new_output(src, dst):
-        if str(src).endswith(".tmp"):
-            raise OSError("rename refused")
-        rename(src, dst)
-
-    monkeypatch.setattr(os, "rename", rename_failing_for_the_new_output)
-    with pytest.raises(OSError, match="rename refused"):
-        _write({"x": np.ones(2)}, target, overwrite=True)
-    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
-    assert [p.name for p in tmp_path.iterdir()] == ["out_dir"]
-
-
 class _LyingArray(LazyArray):
     """Says float32, reads strings: the written dtype is checked on the data itself."""
 

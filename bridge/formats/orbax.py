@@ -34,11 +34,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import glob
 import os
 import re
 import reprlib
-import shutil
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -739,10 +737,6 @@ def _layout(
     return arrays, leaves
 
 
-def _is_empty_dir(path: Path) -> bool:
-    return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
-
-
 def _bridge_version() -> str:
     import bridge  # the package imports this adapter, so only here is it complete
 
@@ -752,14 +746,15 @@ def _bridge_version() -> str:
 def write(flat: FlatState, ctx: Context) -> Path:
     """Save to `ctx.options["path"]` with `ocp.StandardCheckpointer`, waiting until done.
 
-    Orbax saves into a temporary sibling and renames it; that happens inside bridge's own
-    temporary, moved to `path` only once complete, so a failure leaves nothing at `path`
-    and `overwrite=True` swaps an old checkpoint for the new one in a rename. An existing
-    `path` is refused without `overwrite=True` (an empty directory counts as absent).
+    A checkpoint directory is one unit, as in Orbax: Orbax saves (into its own temporary,
+    then renamed) inside bridge's temporary directory, which takes the place of `path`
+    only once complete, so a failure leaves nothing at `path`. An existing `path` is
+    refused without `overwrite=True` (an empty directory counts as absent); with it, the
+    whole directory, whatever else it held, is swapped for the new checkpoint.
     """
     if ctx.options.get("path") is None:
         raise FormatError("writing an Orbax checkpoint needs path=... (a directory)")
-    target = Path(os.fspath(ctx.options["path"])).absolute()  # Orbax wants absolute paths
+    target = Path(os.fspath(ctx.options["path"]))
     collection_first = ctx.source in COLLECTION_FIRST_SOURCES
     arrays, leaves = _layout(flat, ctx, collection_first)
     description = {
@@ -769,16 +764,14 @@ def write(flat: FlatState, ctx: Context) -> Path:
         "leaves": leaves,
     }
     tree = unflatten_mapping(arrays)  # keys checked by _check_keys
-    overwrite = bool(ctx.options.get("overwrite")) or _is_empty_dir(target)
-    with atomic_output(target, overwrite=overwrite) as temp:
+    overwrite = bool(ctx.options.get("overwrite"))
+    with atomic_output(target, overwrite=overwrite, directory=True) as temp:  # absolute
         try:
             with ocp.StandardCheckpointer() as checkpointer:
                 checkpointer.save(temp, tree, custom_metadata={DESCRIPTION_KEY: description})
         except Exception as exc:  # Orbax's own errors: unsupported leaves, I/O, ...
-            for leftover in glob.glob(glob.escape(str(temp)) + TMP_SUFFIX + "*"):
-                shutil.rmtree(leftover, ignore_errors=True)
             raise FormatError(f"{target}: Orbax could not save the checkpoint: {exc}") from exc
-    return target
+    return target.absolute()
 
 
 # --- detection and registration ---------------------------------------------------------

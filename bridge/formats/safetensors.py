@@ -18,6 +18,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import reprlib
 import struct
 from collections.abc import Mapping
@@ -27,8 +28,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from bridge.atomic import atomic_output
-from bridge.errors import FormatError
+from bridge.atomic import Temporary, atomic_output, fsync, make_directory, move, output_of, sweep
+from bridge.errors import FormatError, OutputExistsError
 from bridge.graph import Context, register_conversion, register_format
 from bridge.progress import track
 from bridge.tree import FlatState, LazyArray, Leaf, as_numpy, dotted, parse_dotted
@@ -478,9 +479,16 @@ def shard_layout(sizes: Mapping[str, int], max_shard_size: float) -> dict[str, l
     }
 
 
+_ENTRIES = (SINGLE_FILE, INDEX_FILE)
+"""What a loader opens first in a directory, in this order."""
+SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+"""The shard names `save_pretrained` writes, bridge too."""
+
+
 def write(flat: FlatState, ctx: Context) -> Path:
-    """Write `ctx.options["path"]`: a `.safetensors` file, else a HF directory, sharded by
-    `max_shard_size`. Atomic; an existing output needs `overwrite=True`."""
+    """Write `ctx.options["path"]`: a `.safetensors` file (atomic; an existing one is
+    replaced only with `overwrite=True`), else the weights of a HF directory, sharded by
+    `max_shard_size`, as `_write_directory` says."""
     if ctx.options.get("path") is None:
         raise FormatError("writing safetensors needs path=... (a .safetensors file or a directory)")
     target = Path(os.fspath(ctx.options["path"]))
@@ -499,18 +507,145 @@ def write(flat: FlatState, ctx: Context) -> Path:
     sizes = {key: leaf.nbytes for key, leaf in leaves.items()}
     limit = math.inf if max_shard_size is None else parse_size(max_shard_size)
     layout = shard_layout(sizes, limit)
-    with atomic_output(target, overwrite=overwrite, directory=True) as temp:
-        for name, keys in layout.items():
-            _save(temp / name, {key: leaves[key] for key in keys}, ctx)
-        if len(layout) > 1:
-            index = {
-                "metadata": {"total_size": sum(sizes.values())},
-                "weight_map": {key: name for name, keys in layout.items() for key in keys},
-            }
-            (temp / INDEX_FILE).write_text(
-                json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8"
-            )
+    if os.path.lexists(target):
+        sweep(target.parent, lambda output: output == target.name)  # of a new directory's save
+        _write_directory(target, layout, leaves, ctx, overwrite)
+    else:  # a new directory appears whole, or not at all
+        with atomic_output(target, directory=True) as built:
+            built.mkdir()
+            _write_directory(built, layout, leaves, ctx, overwrite=False)
     return target
+
+
+def _write_directory(
+    directory: Path,
+    layout: dict[str, list[str]],
+    leaves: Mapping[str, Leaf],
+    ctx: Context,
+    overwrite: bool,
+) -> None:
+    """Write weights into `directory` as `save_pretrained` does: weight files and index
+    replaced, weight files of a previous save that this one does not write removed, every
+    other file (config, tokenizer, README, subfolders) kept. Weights already there are
+    replaced only with `overwrite`; a directory without weights needs none.
+
+    At every instant the directory loads the old weights or the new ones, never a mix.
+    Every file is complete on disk under a temporary name before the first one moves,
+    and what loads is decided by one entry: `model.safetensors`, which loaders read
+    first, else the index. So a single file lands in one rename; shards go first, then the
+    index, then a `model.safetensors` in the way is removed; stale shards go last. Where
+    the index in place lists a shard name this save rewrites, an index of the new shards
+    under their temporary names replaces it first; the shards then get their own names
+    as hard links, and the final index replaces the temporary one. Without hard links the
+    shards are renamed instead, and for that moment the directory refuses to load (its
+    index lists a missing file). A failure after that first index leaves the new weights
+    loading from their temporary names, which the next save removes.
+    """
+    make_directory(directory)
+    present = _weight_files(directory)
+    if present and not overwrite:
+        shown = ", ".join(sorted(present)[:3]) + (", ..." if len(present) > 3 else "")
+        raise OutputExistsError(
+            f"{directory} holds weights ({shown}); pass overwrite=True to replace them"
+        )
+    loaded = _loaded_files(directory)
+    sweep(directory, _is_weight_file, keep=loaded)
+    weight_map = {key: name for name, keys in layout.items() for key in keys}
+    total = sum(leaves[key].nbytes for key in weight_map)
+    with contextlib.ExitStack() as stack:
+        temps = {name: stack.enter_context(Temporary(directory, name)) for name in layout}
+        for name, keys in layout.items():
+            _save(temps[name].path, {key: leaves[key] for key in keys}, ctx)
+            fsync(temps[name].path)
+        if len(layout) == 1:
+            move(temps[SINGLE_FILE].path, directory / SINGLE_FILE, replace=overwrite)
+        else:
+            index = stack.enter_context(Temporary(directory, INDEX_FILE))
+            _write_index(index.path, weight_map, total)
+            if loaded.intersection(layout):
+                staged = stack.enter_context(Temporary(directory, INDEX_FILE))
+                _write_index(
+                    staged.path, {k: temps[n].path.name for k, n in weight_map.items()}, total
+                )
+                os.replace(staged.path, directory / INDEX_FILE)
+                for temp in temps.values():
+                    temp.kept = True  # the index in place lists them
+                fsync(directory)
+                for name, temp in temps.items():
+                    _link_or_rename(temp.path, directory / name)
+            else:
+                for name, temp in temps.items():
+                    move(temp.path, directory / name, replace=overwrite)
+            fsync(directory)  # the shards' names are on disk before the index that lists them
+            move(index.path, directory / INDEX_FILE, replace=overwrite)
+            for temp in temps.values():
+                if temp.kept:
+                    temp.path.unlink(missing_ok=True)
+        fsync(directory)
+        written = set(layout) | ({INDEX_FILE} if len(layout) > 1 else set())
+        for name in sorted(present - written, key=lambda name: name not in _ENTRIES):
+            (directory / name).unlink(missing_ok=True)  # the entries first: they decide
+    fsync(directory)
+
+
+def _is_weight_file(name: str) -> bool:
+    """A name a save into a directory writes: the single file, the index, a shard."""
+    return name in _ENTRIES or SHARD_NAME.fullmatch(name) is not None
+
+
+def _listed(directory: Path) -> set[str]:
+    """The files the index in `directory` lists that may be weight files (`.safetensors`
+    names, bridge's temporaries of shards). Read leniently: what it lists is only ever
+    removed along with the index, and only if it is such a file."""
+    try:
+        index = json.loads((directory / INDEX_FILE).read_text(encoding="utf-8"))
+        names = set(index["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()
+    return {
+        name
+        for name in names
+        if isinstance(name, str)
+        and Path(name).name == name
+        and (name.endswith(".safetensors") or _is_weight_file(output_of(name) or ""))
+    }
+
+
+def _weight_files(directory: Path) -> set[str]:
+    """The files a save into `directory` replaces or removes: the single file, the index,
+    shards by their `save_pretrained` names and whatever else the index lists."""
+    names = {name for name in os.listdir(directory) if _is_weight_file(name)}
+    return {
+        name
+        for name in names | _listed(directory)
+        if (directory / name).is_symlink() or (directory / name).is_file()
+    }
+
+
+def _loaded_files(directory: Path) -> set[str]:
+    """The files a loader reads in `directory` now: `model.safetensors` alone if there is
+    one, else the index and what it lists."""
+    if (directory / SINGLE_FILE).is_file():
+        return {SINGLE_FILE}
+    if (directory / INDEX_FILE).is_file():
+        return {INDEX_FILE, *_listed(directory)}
+    return set()
+
+
+def _write_index(path: Path, weight_map: dict[str, str], total: int) -> None:
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    fsync(path)
+
+
+def _link_or_rename(temp: Path, final: Path) -> None:
+    """Give `temp`'s file the name `final` too, where no index in place lists `final`;
+    renamed instead of linked where the filesystem has no hard links."""
+    final.unlink(missing_ok=True)
+    try:
+        os.link(temp, final)
+    except OSError:
+        os.replace(temp, final)
 
 
 def detect(obj: Any) -> float:
