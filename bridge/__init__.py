@@ -25,8 +25,9 @@ from bridge.errors import (
     OutputExistsError,
 )
 from bridge.graph import Context, Edge, Format, register_conversion, register_format
-from bridge.mapping import Merge, Problem, Report, Rule, Split, Stack, Unstack
+from bridge.mapping import Merge, Rule, Split, Stack, Unstack
 from bridge.migration import migrate
+from bridge.report import Problem, Report
 from bridge.tree import FlatState, Leaf, Path
 
 try:

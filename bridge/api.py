@@ -9,8 +9,10 @@ import pathlib
 from collections.abc import Sequence
 from typing import Any, Literal, overload
 
+from bridge.errors import MismatchError
 from bridge.graph import GRAPH, Context, Edge, Format
-from bridge.mapping import Report, Rule, apply_rules, match
+from bridge.mapping import Rule, apply_rules, match
+from bridge.report import Report
 from bridge.tree import FlatState, cast_floating, cast_target
 
 
@@ -132,8 +134,8 @@ def convert(
     `casting="unsafe"` (numpy's name for such casts).
     """
     _, _, flat, ctx = _run(obj, to, source, template, rules, strict, options)
-    if strict:
-        ctx.report.raise_if_failed()
+    if strict and not ctx.report.ok:
+        raise MismatchError(ctx.report)
     result = GRAPH.format(to).write(flat, ctx)
     return result if strict else (result, ctx.report)
 

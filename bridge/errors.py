@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from bridge.mapping import Report
+    from bridge.report import Report
 
 
 class BridgeError(Exception):

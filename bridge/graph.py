@@ -15,8 +15,9 @@ from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from bridge.errors import FormatError, NoRouteError
-from bridge.mapping import Report, Rule
-from bridge.tree import FlatState, Leaf, Path, dotted
+from bridge.mapping import Rule
+from bridge.report import Report
+from bridge.tree import TRAINING_FIELDS, FlatState, Leaf, Path, dotted
 
 
 @dataclasses.dataclass
@@ -237,3 +238,22 @@ def register_conversion(
 ) -> Edge:
     """Add an edge `src -> dst`; `transform` edits the flat state on the way (if any)."""
     return GRAPH.add_edge(Edge(src, dst, cost, lossy, frozenset(needs), loses, transform))
+
+
+def set_aside_training(flat: Mapping[Path, Any], where: str, ctx: Context) -> dict[Path, Any]:
+    """The model state of a TrainState's leaves (full paths, collection first): its
+    training fields (`step`, `opt_state`) are left out and noted, or kept where the
+    caller asks for them (`bridge.migrate` reads with the `training` option)."""
+    if ctx.options.get("training"):
+        return dict(flat)
+    training = [path for path in flat if path[0] in TRAINING_FIELDS]
+    ctx.report.note_training_state(where, ["/".join(map(str, path)) for path in training])
+    return {path: value for path, value in flat.items() if path[0] not in TRAINING_FIELDS}
+
+
+def drop_transient(flat: FlatState, ctx: Context) -> FlatState:
+    """The lossy step into a format that cannot hold transient state (NNX RNG keys and
+    counts: Linen, msgpack); the way back takes it from the template. Reported as
+    dropped, never silently."""
+    ctx.report.dropped.extend(leaf.source for leaf in flat.values() if leaf.transient)
+    return {path: leaf for path, leaf in flat.items() if not leaf.transient}

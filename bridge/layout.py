@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bridge.errors import FormatError
-from bridge.mapping import Problem
+from bridge.report import Problem
 from bridge.tree import (
     Derived,
     FlatState,

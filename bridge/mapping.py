@@ -12,13 +12,13 @@ import dataclasses
 import difflib
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from bridge.errors import FormatError, MismatchError
+from bridge.errors import FormatError
+from bridge.report import Problem, Report
 from bridge.tree import (
-    TRAINING_FIELDS,
     Cast,
     FlatState,
     Leaf,
@@ -36,9 +36,6 @@ from bridge.tree import (
     stack,
     take,
 )
-
-if TYPE_CHECKING:
-    from bridge.graph import Context
 
 
 class KeyTemplate:
@@ -123,93 +120,6 @@ class Unstack:
 Rule = tuple[str, str] | Split | Merge | Stack | Unstack
 """`(pattern, replacement)`: a regular expression substitution on dotted source keys;
 or a structural rule (`Split`, `Merge`, `Stack`, `Unstack`) over key templates."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Problem:
-    """One disagreement between source and target."""
-
-    key: str
-    expected: str = ""
-    found: str = ""
-    nearest: str | None = None
-
-    def __str__(self) -> str:
-        text = self.key
-        if self.expected:
-            text += f": expected {self.expected}"
-        if self.found:
-            text += f", found {self.found}" if self.expected else f": {self.found}"
-        if self.nearest:
-            text += f" (did you mean {self.nearest!r}?)"
-        return text
-
-
-@dataclasses.dataclass
-class Report:
-    """What a conversion could not match, and what it changed on purpose.
-
-    `missing`, `unexpected`, `mismatched` (shape, dtype, kind) and `ambiguous` (two
-    sources for one target) are errors: `convert(strict=True)` raises on them.
-    `dropped` (leaves a lossy edge left out), `abstract` (target leaves left as
-    placeholders under `strict=False`) and `notes` are information.
-    """
-
-    missing: list[Problem] = dataclasses.field(default_factory=list)
-    unexpected: list[Problem] = dataclasses.field(default_factory=list)
-    mismatched: list[Problem] = dataclasses.field(default_factory=list)
-    ambiguous: list[Problem] = dataclasses.field(default_factory=list)
-    dropped: list[str] = dataclasses.field(default_factory=list)
-    abstract: list[str] = dataclasses.field(default_factory=list)
-    notes: list[str] = dataclasses.field(default_factory=list)
-    subject: str = ""
-    """What was converted (`"safetensors 'ckpt/' -> nnx"`), so errors name the input."""
-
-    @property
-    def ok(self) -> bool:
-        return not (self.missing or self.unexpected or self.mismatched or self.ambiguous)
-
-    def note_kept_on_host(self, keys: Sequence[str]) -> None:
-        """Say which 64-bit leaves stay numpy arrays because JAX would narrow them."""
-        if keys:
-            shown = ", ".join(keys[:5]) + (", ..." if len(keys) > 5 else "")
-            self.notes.append(
-                f"{len(keys)} 64-bit leaves kept as numpy arrays on the host, exactly: "
-                f"{shown} (JAX, with jax_enable_x64 off, would narrow them; enable x64 to "
-                "place them on a device, or give a template with 32-bit leaves to narrow "
-                "them with every value checked)"
-            )
-
-    def note_training_state(self, where: str, keys: Sequence[str]) -> None:
-        """Say that a TrainState's training fields were set aside, and where they go."""
-        shown = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
-        self.notes.append(
-            f"{where}: a Linen TrainState; its training state ({len(keys)} leaves: {shown}) "
-            "is set aside, the model state loaded; bridge.migrate(..., optimizer=...) "
-            "carries the training state over to an nnx.Optimizer"
-        )
-
-    def raise_if_failed(self) -> None:
-        if not self.ok:
-            raise MismatchError(self)
-
-    def __str__(self) -> str:
-        sections = [
-            ("missing from the source", self.missing),
-            ("unexpected in the source", self.unexpected),
-            ("shape/dtype/kind mismatch", self.mismatched),
-            ("ambiguous", self.ambiguous),
-            ("dropped (lossy conversion)", self.dropped),
-            ("left abstract (no data)", self.abstract),
-            ("notes", self.notes),
-        ]
-        lines = [
-            f"{title} ({len(items)}):\n" + "\n".join(f"  {item}" for item in items)
-            for title, items in sections
-            if items
-        ]
-        text = "\n".join(lines) if lines else "all leaves matched"
-        return f"{self.subject}:\n{text}" if self.subject and not self.ok else text
 
 
 def describe(leaf: Leaf) -> str:
@@ -528,22 +438,3 @@ def match(
             )
         )
     return out
-
-
-def set_aside_training(flat: Mapping[Path, Any], where: str, ctx: Context) -> dict[Path, Any]:
-    """The model state of a TrainState's leaves (full paths, collection first): its
-    training fields (`step`, `opt_state`) are left out and noted, or kept where the
-    caller asks for them (`bridge.migrate` reads with the `training` option)."""
-    if ctx.options.get("training"):
-        return dict(flat)
-    training = [path for path in flat if path[0] in TRAINING_FIELDS]
-    ctx.report.note_training_state(where, ["/".join(map(str, path)) for path in training])
-    return {path: value for path, value in flat.items() if path[0] not in TRAINING_FIELDS}
-
-
-def drop_transient(flat: FlatState, ctx: Context) -> FlatState:
-    """The lossy step into a format that cannot hold transient state (NNX RNG keys and
-    counts: Linen, msgpack); the way back takes it from the template. Reported as
-    dropped, never silently."""
-    ctx.report.dropped.extend(leaf.source for leaf in flat.values() if leaf.transient)
-    return {path: leaf for path, leaf in flat.items() if not leaf.transient}

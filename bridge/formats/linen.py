@@ -17,8 +17,13 @@ from flax.core import meta
 from flax.nnx import State, variablelib
 from flax.nnx.bridge.variables import NNXMeta
 
-from bridge.graph import Context, register_conversion, register_format
-from bridge.mapping import drop_transient, set_aside_training
+from bridge.graph import (
+    Context,
+    drop_transient,
+    register_conversion,
+    register_format,
+    set_aside_training,
+)
 from bridge.progress import track
 from bridge.tree import (
     MESH,

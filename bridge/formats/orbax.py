@@ -48,8 +48,13 @@ from etils import epath
 
 from bridge.atomic import atomic_output
 from bridge.errors import FormatError
-from bridge.graph import Context, register_conversion, register_format
-from bridge.mapping import drop_transient, set_aside_training
+from bridge.graph import (
+    Context,
+    drop_transient,
+    register_conversion,
+    register_format,
+    set_aside_training,
+)
 from bridge.progress import track
 from bridge.tree import (
     MESH,
