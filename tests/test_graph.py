@@ -61,7 +61,7 @@ def test_builtin_routes():
         ("nnx_state", "linen"),
     ]
     assert bridge.route("nnx", "linen")[-1].lossy
-    assert {"nnx", "nnx_state", "linen"} <= set(bridge.formats())
+    assert {"nnx", "nnx_state", "linen"} <= set(bridge.registered_formats())
     with pytest.raises(bridge.NoRouteError, match="needs template"):
         bridge.convert({"params": {"w": jnp.ones(2)}}, to="nnx")
 
@@ -107,7 +107,7 @@ class NpzState(dict):
 
 
 def test_a_user_format_registers_in_a_few_lines_and_convert_routes_through_it():
-    if "npz_state" not in bridge.formats():
+    if "npz_state" not in bridge.registered_formats():
         bridge.register_format(
             "npz_state",
             detect=lambda obj: float(isinstance(obj, NpzState)),
