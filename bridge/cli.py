@@ -4,7 +4,7 @@ r"""The `bridge` command: look into checkpoints, plan and run conversions, compa
     bridge inspect PATH [--json]                     keys, shapes, dtypes and bytes, no array data
     bridge plan SRC --to FORMAT [...] [--json]       the route and per-leaf table, no data moved
     bridge convert SRC DST --to FORMAT [...]         convert and write DST
-    bridge diff A B [--rtol R --atol A] [--json]     what differs between two states, any formats
+    bridge diff A B [--rtol R --atol A | --exact]    what differs between two states, any formats
 
 `convert` writes files: `--to safetensors | orbax | msgpack`, or `--to torch` with a
 `.pt`/`.bin`/`.pth` DST (the state_dict saved with `torch.save`). In-memory formats
@@ -54,11 +54,18 @@ Options shared by `plan` and `convert`:
   or more.
 - `--modules FILE.toml`: the `[modules]` table of FILE (or its top-level string
   entries): `pattern = "Family"`, e.g. `"\\.c_proj$" = "Conv1D"`.
-- `--dtype bf16|fp16|fp32|...`: cast floating-point leaves.
+- `--dtype bf16|fp16|fp32|...`: cast floating-point leaves to another floating type;
+  `--casting unsafe` lets it cast them to an integer or bool type (values rounded,
+  wrapped or truncated: never by mistake).
 - `--no-strict`: fill what matches and report the rest instead of failing.
 
+`diff` compares values as numbers, equal within `--rtol` / `--atol` (0 unless given;
+NaN equals NaN, -0.0 equals 0.0), or with `--exact` bit for bit; it says which.
+
 Exit status: 0 success; 1 a mismatch (convert, strict plan) or a difference (diff);
-2 a usage or input error. Errors are one line on stderr; `--debug` adds the traceback.
+2 a usage or input error. Every failure is one line on stderr (`--debug` adds the
+traceback); with `--json`, stdout holds one JSON document, on error too:
+`{"error": {"type": ..., "message": ..., "path": ...}}` (bridge/cli_errors.py).
 """
 
 from __future__ import annotations

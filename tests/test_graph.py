@@ -66,6 +66,27 @@ def test_builtin_routes():
         bridge.convert({"params": {"w": jnp.ones(2)}}, to="nnx")
 
 
+def test_bridge_formats_is_the_package_of_adapters_and_the_registry_has_its_own_name():
+    """`import bridge.formats.x as y` reaches the adapter module (a function of the same
+    name used to shadow the package); the formats by name are `registered_formats()`."""
+    import types
+
+    import bridge.formats.orbax as orbax_adapter
+    import bridge.formats.safetensors as safetensors_adapter
+
+    assert isinstance(bridge.formats, types.ModuleType)
+    assert safetensors_adapter is bridge.formats.safetensors
+    assert orbax_adapter.__name__ == "bridge.formats.orbax"
+    assert "formats" in bridge.__all__ and "registered_formats" in bridge.__all__
+    registered = bridge.registered_formats()
+    assert {"torch", "safetensors", "nnx", "nnx_state", "linen", "orbax", "msgpack"} <= set(
+        registered
+    )
+    assert all(isinstance(fmt, Format) and fmt.name == name for name, fmt in registered.items())
+    registered.clear()  # a copy: the registry is not the caller's to change
+    assert "orbax" in bridge.registered_formats()
+
+
 def test_detect():
     assert bridge.detect(make_nnx_net()) == "nnx"
     assert bridge.detect(abstract_nnx_net()) == "nnx"
