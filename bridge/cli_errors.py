@@ -22,7 +22,11 @@ from bridge.report import Report
 USAGE, MISMATCH = 2, 1
 """Exit statuses: a usage or input error; a mismatch (or a difference, for diff)."""
 
-API_SPELLINGS = {"overwrite=True": "--overwrite", "casting='unsafe'": "--casting unsafe"}
+API_SPELLINGS = {
+    "overwrite=True": "--overwrite",
+    "casting='unsafe'": "--casting unsafe",
+    "rules=...": "--rules FILE",
+}
 """Options named in the library's messages, and the flags that set them."""
 
 DEBUG = {"on": False}

@@ -72,6 +72,8 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     huge = {"t": {"dtype": "F32", "shape": [2**63], "data_offsets": [0, 0]}}
     _safetensors(work / "huge.safetensors", json.dumps(huge).encode())
     torch.save({"ok": torch.zeros(1), 7: torch.zeros(2)}, work / "int_keys.pt")
+    (work / "deep.msgpack").write_bytes(b"\x81\xa1a" * 1000 + b"\x01")  # {"a": {"a": ...}}
+    torch.save({"a": torch.zeros(1), "a.b": torch.zeros(1)}, work / "leaf_and_parent.pt")
     (work / "paren.toml").write_text('[[rename]]\npattern = "("\nreplacement = "x"\n')
     (work / "group.toml").write_text('[[rename]]\npattern = "^a"\nreplacement = "\\\\9"\n')
     (work / "modules.toml").write_text('[modules]\n"[" = "Conv1D"\n')
@@ -214,6 +216,21 @@ FAILURES: dict[str, tuple[list[str], int, str, str | None, str]] = {
         "FormatError",
         "int_keys.pt",
         "key 7 is of type int",
+    ),
+    "msgpack maps nested 1000 deep": (
+        ["inspect", "deep.msgpack"],
+        2,
+        "FormatError",
+        "deep.msgpack",
+        "deep.msgpack",
+    ),
+    "a file holding a and a.b, to a nested format": (
+        ["convert", "leaf_and_parent.pt", "ab.msgpack", "--to", "msgpack"],
+        2,
+        "FormatError",
+        "leaf_and_parent.pt",
+        "'a' is both a leaf and the parent of 'a/b'; a nested tree cannot hold both, "
+        "rename one with --rules FILE",
     ),
     "directory of no format": (
         ["inspect", "empty_dir"],
