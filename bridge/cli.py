@@ -76,55 +76,17 @@ import sys
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
-from rich.tree import Tree
 
 import bridge
+from bridge import cli_output as output
 from bridge import diff as diffs
 from bridge.atomic import atomic_output, check_output
-from bridge.cli_errors import (
-    MISMATCH,
-    UsageError,
-    command,
-    dump,
-    mismatch_line,
-    report_json,
-    set_debug,
-    usage_failure,
-)
+from bridge.cli_errors import MISMATCH, UsageError, command, mismatch_line, set_debug, usage_failure
 from bridge.cli_options import convert_options, existing, modules_table, read_toml
-from bridge.graph import GRAPH, Edge
+from bridge.graph import GRAPH
 from bridge.report import Report
 
 TORCH_SUFFIXES = (".pt", ".bin", ".pth")
-
-
-def _console() -> Console:
-    """Rich on stdout; wide when not a terminal so that piped tables keep whole keys."""
-    if sys.stdout.isatty():
-        return Console()
-    return Console(width=int(os.environ.get("COLUMNS", "200")), no_color=True)
-
-
-def _edge_json(edge: Edge) -> dict[str, Any]:
-    return {
-        "src": edge.src,
-        "dst": edge.dst,
-        "cost": edge.cost,
-        "lossy": edge.lossy,
-        "loses": edge.loses,
-        "needs": sorted(edge.needs),
-    }
-
-
-def _size(nbytes: int) -> str:
-    size = float(nbytes)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{nbytes} B"  # pragma: no cover
 
 
 # ---------------------------------------------------------------- the commands
@@ -169,7 +131,10 @@ def _root(
         typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
     ] = False,
     debug: Annotated[
-        bool, typer.Option("--debug", help="Show tracebacks of errors (on stderr).")
+        bool,
+        typer.Option(
+            "--debug", help="Show the tracebacks of errors, and Orbax's logs (on stderr)."
+        ),
     ] = False,
 ) -> None:
     """Convert model state between PyTorch, safetensors, Flax NNX / Linen, Orbax and msgpack."""
@@ -241,37 +206,11 @@ RULES_HELP = """Rules TOML (every table optional; full schema: python -m pydoc b
 def formats(as_json: JsonOpt = False) -> None:
     """The formats bridge knows and the conversions between them."""
     with command(as_json):
-        fmts = bridge.registered_formats()
-        edges = bridge.conversions()
+        formats, edges = bridge.registered_formats(), bridge.conversions()
         if as_json:
-            dump(
-                {
-                    "formats": [
-                        {"name": n, "description": f.description, "options": sorted(f.options)}
-                        for n, f in sorted(fmts.items())
-                    ],
-                    "conversions": [_edge_json(e) for e in edges],
-                }
-            )
-            return
-        console = _console()
-        table = Table(title="formats")
-        for column in ("name", "description", "options"):
-            table.add_column(column)
-        for name, fmt in sorted(fmts.items()):
-            table.add_row(name, fmt.description, ", ".join(sorted(fmt.options)) or "-")
-        console.print(table)
-        table = Table(title="conversions")
-        for column in ("edge", "cost", "lossy", "needs"):
-            table.add_column(column)
-        for e in sorted(edges, key=lambda e: (e.src, e.dst)):
-            lossy = f"yes: {e.loses or 'drops data'}" if e.lossy else "no"
-            table.add_row(f"{e.src} -> {e.dst}", f"{e.cost:g}", lossy, ", ".join(sorted(e.needs)))
-        console.print(table)
-
-
-def _key_parts(key: str) -> list[str]:
-    return key.split("/") if "/" in key else key.split(".")
+            output.dump(output.formats_json(formats, edges))
+        else:
+            output.print_formats(formats, edges)
 
 
 @app.command(
@@ -288,69 +227,9 @@ def inspect(
     with command(as_json, path):
         found = bridge.inspect(existing(path))
         if as_json:
-            dump(
-                {
-                    "path": path,
-                    "format": found.format,
-                    "arrays": len(found.rows),
-                    "bytes": found.nbytes,
-                    "leaves": [
-                        {
-                            "key": r.target,
-                            "shape": list(r.shape),
-                            "dtype": r.dtype,
-                            "bytes": r.nbytes,
-                        }
-                        for r in found.rows
-                    ],
-                }
-            )
-            return
-        console = _console()
-        total = f"{len(found.rows)} arrays, {found.nbytes:,} bytes ({_size(found.nbytes)})"
-        if flat:
-            table = Table(title=f"{path} ({found.format})", caption=total)
-            for column in ("key", "shape", "dtype", "bytes"):
-                table.add_column(column, justify="right" if column == "bytes" else "left")
-            for r in found.rows:
-                table.add_row(r.target, str(r.shape), r.dtype, f"{r.nbytes:,}")
-            console.print(table)
-            return
-        tree = Tree(f"[bold]{path}[/bold] ({found.format})")
-        nodes: dict[tuple[str, ...], Tree] = {(): tree}
-        for r in found.rows:
-            parts = _key_parts(r.target)
-            for depth in range(1, len(parts)):
-                prefix = tuple(parts[:depth])
-                if prefix not in nodes:
-                    nodes[prefix] = nodes[prefix[:-1]].add(parts[depth - 1])
-            label = f"{parts[-1]}  {r.shape} {r.dtype}  {_size(r.nbytes)}"
-            nodes[tuple(parts[:-1])].add(label)
-        console.print(tree)
-        console.print(f"{found.format}: {total}")
-
-
-def _plan_json(found: bridge.Plan) -> dict[str, Any]:
-    return {
-        "source": found.source,
-        "target": found.target,
-        "route": [_edge_json(e) for e in found.route],
-        "lossy": found.lossy,
-        "leaves": len(found.rows),
-        "bytes": found.nbytes,
-        "rows": [
-            {
-                "source": r.source,
-                "target": r.target,
-                "transform": r.transform,
-                "dtype": r.dtype,
-                "shape": list(r.shape),
-                "bytes": r.nbytes,
-            }
-            for r in found.rows
-        ],
-        "report": report_json(found.report),
-    }
+            output.dump(output.inspection_json(path, found))
+        else:
+            output.print_inspection(path, found, flat)
 
 
 @app.command(
@@ -382,29 +261,12 @@ def plan(
         found = bridge.plan(existing(src), to=to, **kwargs)
         failed = strict and not found.report.ok
         if as_json and not failed:
-            dump(_plan_json(found))
+            output.dump(output.plan_json(found))
         elif not as_json:
-            console = _console()
-            hops = " ; ".join(str(e) for e in found.route) or "(same format)"
-            console.print(f"plan {found.source} -> {found.target}: {hops}", highlight=False)
-            table = Table(
-                caption=f"{len(found.rows)} leaves, {found.nbytes:,} bytes ({_size(found.nbytes)})"
-            )
-            for column in ("source", "target", "transform", "shape", "dtype", "bytes"):
-                table.add_column(column, justify="right" if column == "bytes" else "left")
-            for r in found.rows:
-                table.add_row(
-                    r.source or "(none)",
-                    r.target,
-                    r.transform or "-",
-                    str(r.shape),
-                    r.dtype,
-                    f"{r.nbytes:,}",
-                )
-            console.print(table)
-            console.print(str(found.report), markup=False, highlight=False)
+            output.print_plan(found)
         if failed:
-            run.fail(mismatch_line(found.report), MISMATCH, "MismatchError", _plan_json(found))
+            document = output.plan_json(found)
+            run.fail(mismatch_line(found.report), MISMATCH, "MismatchError", document)
 
 
 def _save_torch(state: dict[str, Any], dst: str, overwrite: bool) -> pathlib.Path:
@@ -465,7 +327,7 @@ def convert(
         written = _save_torch(result, dst, overwrite) if torch_file else pathlib.Path(dst)
         found = bridge.inspect(written)
         if as_json:
-            dump(
+            output.dump(
                 {
                     "source": src,
                     "source_format": bridge.detect(source),
@@ -473,11 +335,11 @@ def convert(
                     "path": str(written),
                     "arrays": len(found.rows),
                     "bytes": found.nbytes,
-                    "report": report_json(report),
+                    "report": output.report_json(report),
                 }
             )
             return
-        summary = f"{len(found.rows)} arrays, {_size(found.nbytes)}"
+        summary = f"{len(found.rows)} arrays, {output.size(found.nbytes)}"
         print(f"wrote {written} ({to}): {summary}")
         if not strict:
             print(str(report))
@@ -517,44 +379,16 @@ def diff(
         fmt_b, right = diffs.read(b, a, table)
         run.path = None  # what follows is about both
         found = diffs.compare(left, right, comparison)
-        document = {
-            "a": {"path": a, "format": fmt_a, "arrays": len(left)},
-            "b": {"path": b, "format": fmt_b, "arrays": len(right)},
-            "comparison": comparison.to_json(),
-            "equal": found.equal,
-            "only_a": found.only_a,
-            "only_b": found.only_b,
-            "shape": found.shapes,
-            "dtype": found.dtypes,
-            "values": found.values,
-        }
+        sides = {"a": (a, fmt_a, len(left)), "b": (b, fmt_b, len(right))}
         if found.equal and as_json:
-            dump(document)
+            output.dump(output.diff_json(sides, found))
         elif found.equal:
             print(f"equal: {len(left)} arrays ({fmt_a} {a} == {fmt_b} {b}), values {comparison}")
         else:
             if not as_json:
-                _console().print(_diff_table(f"{a} ({fmt_a}) vs {b} ({fmt_b})", found))
+                output.print_diff(f"{a} ({fmt_a}) vs {b} ({fmt_b})", found)
             message = f"{a} and {b} differ, values {comparison}: {found.summary()}"
-            run.fail(message, MISMATCH, "Differences", document)
-
-
-def _diff_table(title: str, found: diffs.Diff) -> Table:
-    table = Table(title=title, caption=f"values compared {found.comparison}")
-    for column in ("key", "difference", "a", "b"):
-        table.add_column(column)
-    for key in found.only_a:
-        table.add_row(key, "only in a", "present", "-")
-    for key in found.only_b:
-        table.add_row(key, "only in b", "-", "present")
-    for row in found.shapes:
-        table.add_row(row["key"], "shape", str(tuple(row["a"])), str(tuple(row["b"])))
-    for row in found.dtypes:
-        table.add_row(row["key"], "dtype", row["a"], row["b"])
-    for row in found.values:
-        gap = "" if row["max_abs_diff"] is None else f", max |a-b| {row['max_abs_diff']:.3g}"
-        table.add_row(row["key"], f"values ({row['elements']} elements{gap})", "", "")
-    return table
+            run.fail(message, MISMATCH, "Differences", output.diff_json(sides, found))
 
 
 def main() -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import sys
 import traceback
@@ -16,6 +15,7 @@ from typing import Any, NoReturn
 
 import typer
 
+from bridge.cli_output import dump, report_json
 from bridge.errors import BridgeError, MismatchError, OutputExistsError
 from bridge.report import Report
 
@@ -49,11 +49,6 @@ class UsageError(Exception):
         self.path = path
 
 
-def dump(document: Any) -> None:
-    """The one JSON document of a `--json` run, on stdout."""
-    print(json.dumps(document, indent=2, default=str))
-
-
 def one_line(message: str) -> str:
     return " ".join(line.strip() for line in message.strip().splitlines() if line.strip())
 
@@ -72,25 +67,6 @@ def mismatch_line(report: Report) -> str:
             parts.append(f"{len(items)} {title} ({items[0]}{more})")
     subject = f"{report.subject}: " if report.subject else ""
     return f"mismatch: {subject}{'; '.join(parts)}; run `bridge plan ... --no-strict` for all"
-
-
-def report_json(report: Report) -> dict[str, Any]:
-    def problems(items: list[Any]) -> list[dict[str, Any]]:
-        return [
-            {"key": p.key, "expected": p.expected, "found": p.found, "nearest": p.nearest}
-            for p in items
-        ]
-
-    return {
-        "ok": report.ok,
-        "missing": problems(report.missing),
-        "unexpected": problems(report.unexpected),
-        "mismatched": problems(report.mismatched),
-        "ambiguous": problems(report.ambiguous),
-        "dropped": list(report.dropped),
-        "abstract": list(report.abstract),
-        "notes": list(report.notes),
-    }
 
 
 @dataclasses.dataclass
