@@ -374,9 +374,13 @@ def diff(
             raise UsageError("--exact compares bits; it takes no --rtol / --atol")
         comparison = diffs.Comparison(exact, rtol or 0.0, atol or 0.0)
         table = modules_table(read_toml(modules), modules) if modules else None
-        fmt_a, left = diffs.read(existing(a), existing(b), table)
+        fmt_a = bridge.detect(existing(a))
+        run.path = b  # errors from here on are about b, until it is read
+        fmt_b = bridge.detect(existing(b))
+        run.path = a
+        left = diffs.read(a, fmt_a, fmt_b, table)
         run.path = b
-        fmt_b, right = diffs.read(b, a, table)
+        right = diffs.read(b, fmt_b, fmt_a, table)
         run.path = None  # what follows is about both
         found = diffs.compare(left, right, comparison)
         sides = {"a": (a, fmt_a, len(left)), "b": (b, fmt_b, len(right))}

@@ -12,25 +12,22 @@ from typing import Any
 
 import numpy as np
 
-from bridge.api import convert, detect
+from bridge.api import convert
 from bridge.graph import GRAPH, Context
 from bridge.tree import Leaf, match_key
 
 TORCH_SIDE = frozenset({"torch", "safetensors"})
 
 
-def read(
-    path: str, other: str, modules: dict[str, str] | None = None
-) -> tuple[str, dict[str, Leaf]]:
-    """The format of `path` and its leaves by spelling-free key; a Flax-side file meeting
-    a torch-side `other` is converted to a torch state_dict first (Flax roles make that
-    direction unambiguous), so that layouts and names meet."""
+def read(path: str, fmt: str, other: str, modules: dict[str, str] | None) -> dict[str, Leaf]:
+    """The leaves of `path` (of format `fmt`) by spelling-free key; a Flax-side file
+    meeting a torch-side format `other` is converted to a torch state_dict first (Flax
+    roles make that direction unambiguous), so that layouts and names meet."""
     obj: Any = path
-    name = fmt = detect(obj)
-    if name not in TORCH_SIDE and detect(other) in TORCH_SIDE:
+    if fmt not in TORCH_SIDE and other in TORCH_SIDE:
         obj, fmt = convert(obj, to="torch", **({"modules": modules} if modules else {})), "torch"
     flat = GRAPH.format(fmt).read(obj, Context(source=fmt))
-    return name, {match_key(key): leaf for key, leaf in flat.items() if not leaf.transient}
+    return {match_key(key): leaf for key, leaf in flat.items() if not leaf.transient}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -189,6 +189,13 @@ FAILURES: dict[str, tuple[list[str], int, str, str | None, str]] = {
         "nope.safetensors",
         "no such file or directory",
     ),
+    "diff against a corrupt second file": (
+        ["diff", "ok.safetensors", "corrupt.safetensors"],
+        2,
+        "FormatError",
+        "corrupt.safetensors",
+        "is not JSON",
+    ),
     "corrupt safetensors header": (
         ["inspect", "corrupt.safetensors"],
         2,
