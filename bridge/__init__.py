@@ -2,7 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from bridge import formats as _formats  # noqa: F401  (registers the built-in adapters)
+from bridge import formats  # the adapters: importing them registers the built-in formats
 from bridge.api import (
     Inspection,
     Plan,
@@ -10,10 +10,10 @@ from bridge.api import (
     conversions,
     convert,
     detect,
-    formats,
     inspect,
     load,
     plan,
+    registered_formats,
     route,
     save,
 )
@@ -68,6 +68,7 @@ __all__ = [
     "plan",
     "register_conversion",
     "register_format",
+    "registered_formats",
     "route",
     "save",
 ]

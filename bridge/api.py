@@ -21,8 +21,9 @@ def detect(obj: Any) -> str:
     return GRAPH.detect(obj)
 
 
-def formats() -> dict[str, Format]:
-    """The registered formats by name."""
+def registered_formats() -> dict[str, Format]:
+    """The registered formats by name (built-in and `register_format`ed); the adapters
+    themselves are the subpackage `bridge.formats`."""
     return dict(GRAPH.formats)
 
 

@@ -4,7 +4,7 @@ r"""The `bridge` command: look into checkpoints, plan and run conversions, compa
     bridge inspect PATH [--json]                     keys, shapes, dtypes and bytes, no array data
     bridge plan SRC --to FORMAT [...] [--json]       the route and per-leaf table, no data moved
     bridge convert SRC DST --to FORMAT [...]         convert and write DST
-    bridge diff A B [--rtol R --atol A] [--json]     what differs between two states, any formats
+    bridge diff A B [--rtol R --atol A | --exact]    what differs between two states, any formats
 
 `convert` writes files: `--to safetensors | orbax | msgpack`, or `--to torch` with a
 `.pt`/`.bin`/`.pth` DST (the state_dict saved with `torch.save`). In-memory formats
@@ -54,316 +54,39 @@ Options shared by `plan` and `convert`:
   or more.
 - `--modules FILE.toml`: the `[modules]` table of FILE (or its top-level string
   entries): `pattern = "Family"`, e.g. `"\\.c_proj$" = "Conv1D"`.
-- `--dtype bf16|fp16|fp32|...`: cast floating-point leaves.
+- `--dtype bf16|fp16|fp32|...`: cast floating-point leaves to another floating type;
+  `--casting unsafe` lets it cast them to an integer or bool type (values rounded,
+  wrapped or truncated: never by mistake).
 - `--no-strict`: fill what matches and report the rest instead of failing.
 
+`diff` compares values as numbers, equal within `--rtol` / `--atol` (0 unless given;
+NaN equals NaN, -0.0 equals 0.0), or with `--exact` bit for bit; it says which.
+
 Exit status: 0 success; 1 a mismatch (convert, strict plan) or a difference (diff);
-2 a usage or input error. Errors are one line on stderr; `--debug` adds the traceback.
+2 a usage or input error. Every failure is one line on stderr (`--debug` adds the
+traceback); with `--json`, stdout holds one JSON document, on error too:
+`{"error": {"type": ..., "message": ..., "path": ...}}` (bridge/cli_errors.py).
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-import importlib.util
-import json
 import os
 import pathlib
 import sys
-import tomllib
-import traceback
-from collections.abc import Iterator
 from typing import Annotated, Any
 
-import flax.linen as nn
-import jax
-import numpy as np
 import typer
-from rich.console import Console
-from rich.table import Table
-from rich.tree import Tree
 
 import bridge
+from bridge import cli_output as output
+from bridge import diff as diffs
 from bridge.atomic import atomic_output, check_output
-from bridge.errors import BridgeError, MismatchError, OutputExistsError
-from bridge.graph import GRAPH, Context, Edge
-from bridge.mapping import Merge, Report, Split, Stack, Unstack
-from bridge.tree import match_key
+from bridge.cli_errors import MISMATCH, UsageError, command, mismatch_line, set_debug, usage_failure
+from bridge.cli_options import convert_options, existing, modules_table, read_toml
+from bridge.graph import GRAPH
+from bridge.report import Report
 
 TORCH_SUFFIXES = (".pt", ".bin", ".pth")
-TORCH_SIDE = frozenset({"torch", "safetensors"})
-DTYPES = {
-    "bf16": "bfloat16",
-    "fp16": "float16",
-    "f16": "float16",
-    "half": "float16",
-    "fp32": "float32",
-    "f32": "float32",
-    "float": "float32",
-    "fp64": "float64",
-    "f64": "float64",
-    "double": "float64",
-}
-
-_STATE = {"debug": False}
-
-
-class UsageError(Exception):
-    """A bad option value or input path: exit 2 with a one-line message."""
-
-
-def _console() -> Console:
-    """Rich on stdout; wide when not a terminal so that piped tables keep whole keys."""
-    if sys.stdout.isatty():
-        return Console()
-    return Console(width=int(os.environ.get("COLUMNS", "200")), no_color=True)
-
-
-def _err(message: str) -> None:
-    text = " ".join(line.strip() for line in message.strip().splitlines() if line.strip())
-    print(f"bridge: error: {text}", file=sys.stderr)
-
-
-def _mismatch_line(report: Report) -> str:
-    parts = []
-    for title, items in (
-        ("missing", report.missing),
-        ("unexpected", report.unexpected),
-        ("mismatched", report.mismatched),
-        ("ambiguous", report.ambiguous),
-    ):
-        if items:
-            more = f" and {len(items) - 1} more" if len(items) > 1 else ""
-            parts.append(f"{len(items)} {title} ({items[0]}{more})")
-    subject = f"{report.subject}: " if report.subject else ""
-    return f"mismatch: {subject}{'; '.join(parts)}; run `bridge plan ... --no-strict` for all"
-
-
-@contextlib.contextmanager
-def _errors() -> Iterator[None]:
-    """Turn failures into one line on stderr and an exit status (1 mismatch, 2 input)."""
-    try:
-        yield
-    except (typer.Exit, BrokenPipeError):  # click quiets a closed pipe (`| head`) itself
-        raise
-    except MismatchError as error:
-        if _STATE["debug"]:
-            traceback.print_exc()
-        _err(_mismatch_line(error.report))
-        raise typer.Exit(1) from None
-    except (
-        BridgeError,
-        UsageError,
-        OSError,
-        ValueError,
-        TypeError,
-        ImportError,
-        AttributeError,
-    ) as error:
-        if _STATE["debug"]:
-            traceback.print_exc()
-        message = str(error) or type(error).__name__
-        if isinstance(error, OutputExistsError):
-            message = message.replace("overwrite=True", "--overwrite")
-        elif isinstance(error, FileNotFoundError) and error.filename:
-            message = f"no such file or directory: {error.filename!r}"
-        _err(message)
-        raise typer.Exit(2) from None
-
-
-def _existing(path: str) -> str:
-    """`path`, or a usage error if there is nothing there."""
-    if not os.path.exists(path):
-        raise UsageError(f"no such file or directory: {path!r}")
-    return path
-
-
-def _edge_json(edge: Edge) -> dict[str, Any]:
-    return {
-        "src": edge.src,
-        "dst": edge.dst,
-        "cost": edge.cost,
-        "lossy": edge.lossy,
-        "loses": edge.loses,
-        "needs": sorted(edge.needs),
-    }
-
-
-def _report_json(report: Report) -> dict[str, Any]:
-    def problems(items: list[Any]) -> list[dict[str, Any]]:
-        return [
-            {"key": p.key, "expected": p.expected, "found": p.found, "nearest": p.nearest}
-            for p in items
-        ]
-
-    return {
-        "ok": report.ok,
-        "missing": problems(report.missing),
-        "unexpected": problems(report.unexpected),
-        "mismatched": problems(report.mismatched),
-        "ambiguous": problems(report.ambiguous),
-        "dropped": list(report.dropped),
-        "abstract": list(report.abstract),
-        "notes": list(report.notes),
-    }
-
-
-def _dump(data: Any) -> None:
-    print(json.dumps(data, indent=2, default=str))
-
-
-def _size(nbytes: int) -> str:
-    size = float(nbytes)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{nbytes} B"  # pragma: no cover
-
-
-# ---------------------------------------------------------------- option parsing
-
-
-def load_template(spec: str) -> Any:
-    """`module:factory` -> `factory()`; `module` is a dotted name or a `.py` path."""
-    explicit = ":" in spec  # module:factory is called; a bare module's `template` is not
-    module_name, _, attr = spec.rpartition(":") if explicit else (spec, "", "template")
-    if not module_name:
-        raise UsageError(f"--template {spec!r}: expected module:factory")
-    if module_name.endswith(".py") or os.sep in module_name or "/" in module_name:
-        file = pathlib.Path(_existing(module_name)).resolve()
-        loaded = importlib.util.spec_from_file_location(f"_bridge_template_{file.stem}", file)
-        if loaded is None or loaded.loader is None:
-            raise UsageError(f"--template: cannot import {str(file)!r}")
-        module = importlib.util.module_from_spec(loaded)
-        sys.modules[loaded.name] = module
-        sys.path.insert(0, str(file.parent))
-        loaded.loader.exec_module(module)
-    else:
-        if os.getcwd() not in sys.path:
-            sys.path.insert(0, os.getcwd())
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as error:
-            raise UsageError(f"--template {spec!r}: {error}") from None
-    try:
-        factory = getattr(module, attr)
-    except AttributeError:
-        raise UsageError(f"--template: module {module_name!r} has no {attr!r}") from None
-    template = factory() if explicit else factory
-    if isinstance(template, nn.Module):
-        raise UsageError(
-            f"--template {spec!r}: a Linen module needs sample inputs to give its variables' "
-            "shapes: return (module, *inputs), e.g. (Model(), jax.ShapeDtypeStruct(...))"
-        )
-    if isinstance(template, tuple) and template and isinstance(template[0], nn.Module):
-        return abstract_linen_variables(spec, *template)
-    return template
-
-
-def abstract_linen_variables(spec: str, module: nn.Module, *inputs: Any) -> Any:
-    """The variables `module.init(key, *inputs)` would make, as shapes and dtypes only.
-
-    Array-like inputs (arrays, `jax.ShapeDtypeStruct`s) are traced; others (flags such as
-    `train=False`) are passed as they are; a trailing dict holds keyword arguments."""
-    kwargs = inputs[-1] if inputs and isinstance(inputs[-1], dict) else {}
-    positional = list(inputs[: len(inputs) - bool(kwargs)])
-    traced = [i for i, x in enumerate(positional) if hasattr(x, "shape") and hasattr(x, "dtype")]
-
-    def init(*arrays: Any) -> Any:
-        args = list(positional)
-        for index, array in zip(traced, arrays, strict=True):
-            args[index] = array
-        return module.init(jax.random.key(0), *args, **kwargs)
-
-    try:
-        return jax.eval_shape(init, *(positional[i] for i in traced))
-    except Exception as error:  # whatever the module's own code raises on these inputs
-        raise UsageError(
-            f"--template {spec!r}: {type(module).__name__}.init on the sample inputs "
-            f"failed: {type(error).__name__}: {error}"
-        ) from error
-
-
-def _read_toml(path: str) -> dict[str, Any]:
-    try:
-        with open(_existing(path), "rb") as file:
-            return tomllib.load(file)
-    except tomllib.TOMLDecodeError as error:
-        raise UsageError(f"{path}: invalid TOML: {error}") from None
-
-
-RULE_FIELDS: dict[str, tuple[type, set[str], set[str]]] = {
-    "split": (Split, {"fused", "parts"}, {"axis"}),
-    "merge": (Merge, {"parts", "fused"}, {"axis"}),
-    "unstack": (Unstack, {"stacked", "layers"}, {"over", "axis"}),
-    "stack": (Stack, {"layers", "stacked"}, {"over", "axis"}),
-}
-
-
-def load_rules(path: str) -> tuple[list[Any], dict[str, str]]:
-    """The rules and the `[modules]` table of a rules TOML file (schema: module docstring)."""
-    data = _read_toml(path)
-    known = {"rename", "modules", *RULE_FIELDS}
-    if unknown := sorted(set(data) - known):
-        raise UsageError(f"{path}: unknown table(s) {unknown}; known: {sorted(known)}")
-    rules: list[Any] = []
-    for i, entry in enumerate(data.get("rename", [])):
-        if not isinstance(entry, dict) or set(entry) != {"pattern", "replacement"}:
-            raise UsageError(f"{path}: [[rename]] #{i + 1} needs exactly pattern and replacement")
-        rules.append((str(entry["pattern"]), str(entry["replacement"])))
-    for name, (cls, required, optional) in RULE_FIELDS.items():
-        for i, entry in enumerate(data.get(name, [])):
-            keys = set(entry) if isinstance(entry, dict) else set()
-            if not required <= keys or keys - required - optional:
-                raise UsageError(
-                    f"{path}: [[{name}]] #{i + 1} needs {sorted(required)}"
-                    f" (optional {sorted(optional)}), got {sorted(keys)}"
-                )
-            rules.append(cls(**entry))
-    return rules, _modules_table(data, path)
-
-
-def _modules_table(data: dict[str, Any], path: str) -> dict[str, str]:
-    table = data.get("modules")
-    if table is None:
-        table = {k: v for k, v in data.items() if isinstance(v, str)}
-    if not isinstance(table, dict) or not all(isinstance(v, str) for v in table.values()):
-        raise UsageError(f'{path}: [modules] must map patterns to family names ("Conv1D")')
-    return dict(table)
-
-
-def _options(
-    template: str | None,
-    rules: str | None,
-    modules: str | None,
-    dtype: str | None,
-    strict: bool,
-) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"strict": strict, "progress": None}
-    if template is not None:
-        kwargs["template"] = load_template(template)
-    found_modules: dict[str, str] = {}
-    if rules is not None:
-        kwargs["rules"], found_modules = load_rules(rules)
-    if modules is not None:
-        found_modules.update(_modules_table(_read_toml(modules), modules))
-    if found_modules:
-        kwargs["modules"] = found_modules
-    if dtype is not None:
-        kwargs["dtype"] = parse_dtype(dtype)
-    return kwargs
-
-
-def parse_dtype(name: str) -> Any:
-    import jax.numpy as jnp
-
-    try:
-        return np.dtype(jnp.dtype(DTYPES.get(name.lower(), name.lower())))
-    except TypeError:
-        raise UsageError(
-            f"--dtype {name!r}: not a dtype; try bf16, fp16, fp32 or a numpy name"
-        ) from None
 
 
 # ---------------------------------------------------------------- the commands
@@ -408,11 +131,14 @@ def _root(
         typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
     ] = False,
     debug: Annotated[
-        bool, typer.Option("--debug", help="Show tracebacks of errors (on stderr).")
+        bool,
+        typer.Option(
+            "--debug", help="Show the tracebacks of errors, and Orbax's logs (on stderr)."
+        ),
     ] = False,
 ) -> None:
     """Convert model state between PyTorch, safetensors, Flax NNX / Linen, Orbax and msgpack."""
-    _STATE["debug"] = debug
+    set_debug(debug)
 
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Write JSON on stdout (for scripts).")]
@@ -444,6 +170,14 @@ ModulesOpt = Annotated[
 DtypeOpt = Annotated[
     str | None, typer.Option("--dtype", help="Cast floating leaves: bf16, fp16, fp32, ...")
 ]
+CastingOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--casting",
+        help="same_kind (floating to floating, the default) or unsafe: let --dtype cast "
+        "to an integer or bool type (values rounded, wrapped).",
+    ),
+]
 StrictOpt = Annotated[
     bool,
     typer.Option("--strict/--no-strict", help="Fail on any mismatch, or fill what matches."),
@@ -471,38 +205,12 @@ RULES_HELP = """Rules TOML (every table optional; full schema: python -m pydoc b
 )
 def formats(as_json: JsonOpt = False) -> None:
     """The formats bridge knows and the conversions between them."""
-    with _errors():
-        fmts = bridge.formats()
-        edges = bridge.conversions()
+    with command(as_json):
+        formats, edges = bridge.registered_formats(), bridge.conversions()
         if as_json:
-            _dump(
-                {
-                    "formats": [
-                        {"name": n, "description": f.description, "options": sorted(f.options)}
-                        for n, f in sorted(fmts.items())
-                    ],
-                    "conversions": [_edge_json(e) for e in edges],
-                }
-            )
-            return
-        console = _console()
-        table = Table(title="formats")
-        for column in ("name", "description", "options"):
-            table.add_column(column)
-        for name, fmt in sorted(fmts.items()):
-            table.add_row(name, fmt.description, ", ".join(sorted(fmt.options)) or "-")
-        console.print(table)
-        table = Table(title="conversions")
-        for column in ("edge", "cost", "lossy", "needs"):
-            table.add_column(column)
-        for e in sorted(edges, key=lambda e: (e.src, e.dst)):
-            lossy = f"yes: {e.loses or 'drops data'}" if e.lossy else "no"
-            table.add_row(f"{e.src} -> {e.dst}", f"{e.cost:g}", lossy, ", ".join(sorted(e.needs)))
-        console.print(table)
-
-
-def _key_parts(key: str) -> list[str]:
-    return key.split("/") if "/" in key else key.split(".")
+            output.dump(output.formats_json(formats, edges))
+        else:
+            output.print_formats(formats, edges)
 
 
 @app.command(
@@ -516,72 +224,12 @@ def inspect(
     flat: Annotated[bool, typer.Option("--flat", help="A table of keys, not a tree.")] = False,
 ) -> None:
     """Format, keys, shapes, dtypes and bytes of a checkpoint, without reading arrays."""
-    with _errors():
-        found = bridge.inspect(_existing(path))
+    with command(as_json, path):
+        found = bridge.inspect(existing(path))
         if as_json:
-            _dump(
-                {
-                    "path": path,
-                    "format": found.format,
-                    "arrays": len(found.rows),
-                    "bytes": found.nbytes,
-                    "leaves": [
-                        {
-                            "key": r.target,
-                            "shape": list(r.shape),
-                            "dtype": r.dtype,
-                            "bytes": r.nbytes,
-                        }
-                        for r in found.rows
-                    ],
-                }
-            )
-            return
-        console = _console()
-        total = f"{len(found.rows)} arrays, {found.nbytes:,} bytes ({_size(found.nbytes)})"
-        if flat:
-            table = Table(title=f"{path} ({found.format})", caption=total)
-            for column in ("key", "shape", "dtype", "bytes"):
-                table.add_column(column, justify="right" if column == "bytes" else "left")
-            for r in found.rows:
-                table.add_row(r.target, str(r.shape), r.dtype, f"{r.nbytes:,}")
-            console.print(table)
-            return
-        tree = Tree(f"[bold]{path}[/bold] ({found.format})")
-        nodes: dict[tuple[str, ...], Tree] = {(): tree}
-        for r in found.rows:
-            parts = _key_parts(r.target)
-            for depth in range(1, len(parts)):
-                prefix = tuple(parts[:depth])
-                if prefix not in nodes:
-                    nodes[prefix] = nodes[prefix[:-1]].add(parts[depth - 1])
-            label = f"{parts[-1]}  {r.shape} {r.dtype}  {_size(r.nbytes)}"
-            nodes[tuple(parts[:-1])].add(label)
-        console.print(tree)
-        console.print(f"{found.format}: {total}")
-
-
-def _plan_json(found: bridge.Plan) -> dict[str, Any]:
-    return {
-        "source": found.source,
-        "target": found.target,
-        "route": [_edge_json(e) for e in found.route],
-        "lossy": found.lossy,
-        "leaves": len(found.rows),
-        "bytes": found.nbytes,
-        "rows": [
-            {
-                "source": r.source,
-                "target": r.target,
-                "transform": r.transform,
-                "dtype": r.dtype,
-                "shape": list(r.shape),
-                "bytes": r.nbytes,
-            }
-            for r in found.rows
-        ],
-        "report": _report_json(found.report),
-    }
+            output.dump(output.inspection_json(path, found))
+        else:
+            output.print_inspection(path, found, flat)
 
 
 @app.command(
@@ -597,6 +245,7 @@ def plan(
     rules: RulesOpt = None,
     modules: ModulesOpt = None,
     dtype: DtypeOpt = None,
+    casting: CastingOpt = None,
     strict: StrictOpt = True,
     as_json: JsonOpt = False,
 ) -> None:
@@ -604,37 +253,20 @@ def plan(
 
     Exits 1 when the plan has mismatches (unless --no-strict).
     """
-    with _errors():
-        kwargs = _options(template, rules, modules, dtype, strict)
+    with command(as_json, src) as run:
+        kwargs = convert_options(template, rules, modules, dtype, casting, strict)
         kwargs.pop("progress")
         if "path" in GRAPH.format(to).options:  # satisfies the route's need; nothing is written
             kwargs["path"] = os.devnull
-        found = bridge.plan(_existing(src), to=to, **kwargs)
-        if as_json:
-            _dump(_plan_json(found))
-        else:
-            console = _console()
-            hops = " ; ".join(str(e) for e in found.route) or "(same format)"
-            console.print(f"plan {found.source} -> {found.target}: {hops}", highlight=False)
-            table = Table(
-                caption=f"{len(found.rows)} leaves, {found.nbytes:,} bytes ({_size(found.nbytes)})"
-            )
-            for column in ("source", "target", "transform", "shape", "dtype", "bytes"):
-                table.add_column(column, justify="right" if column == "bytes" else "left")
-            for r in found.rows:
-                table.add_row(
-                    r.source or "(none)",
-                    r.target,
-                    r.transform or "-",
-                    str(r.shape),
-                    r.dtype,
-                    f"{r.nbytes:,}",
-                )
-            console.print(table)
-            console.print(str(found.report), markup=False, highlight=False)
-        if strict and not found.report.ok:
-            _err(_mismatch_line(found.report))
-            raise typer.Exit(1)
+        found = bridge.plan(existing(src), to=to, **kwargs)
+        failed = strict and not found.report.ok
+        if as_json and not failed:
+            output.dump(output.plan_json(found))
+        elif not as_json:
+            output.print_plan(found)
+        if failed:
+            document = output.plan_json(found)
+            run.fail(mismatch_line(found.report), MISMATCH, "MismatchError", document)
 
 
 def _save_torch(state: dict[str, Any], dst: str, overwrite: bool) -> pathlib.Path:
@@ -660,6 +292,7 @@ def convert(
     rules: RulesOpt = None,
     modules: ModulesOpt = None,
     dtype: DtypeOpt = None,
+    casting: CastingOpt = None,
     strict: StrictOpt = True,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace DST if it exists.")
@@ -670,21 +303,23 @@ def convert(
 
     File formats only: safetensors, orbax, msgpack, or torch with a .pt/.bin/.pth DST.
     """
-    with _errors():
-        source = _existing(src)
+    with command(as_json, src, output=dst):
+        source = existing(src)
         fmt = GRAPH.format(to)
         torch_file = to == "torch"
         if torch_file and not dst.endswith(TORCH_SUFFIXES):
             raise UsageError(f"--to torch writes a .pt/.bin/.pth file, not {dst!r}")
         if not torch_file and "path" not in fmt.options:
-            writable = sorted(n for n, f in bridge.formats().items() if "path" in f.options)
+            writable = sorted(
+                n for n, f in bridge.registered_formats().items() if "path" in f.options
+            )
             raise UsageError(
                 f"--to {to} is an in-memory format; convert writes {', '.join(writable)}"
                 " or torch (.pt)"
             )
         if torch_file:  # refused before converting, as the writers of other formats do
             check_output(dst, overwrite=overwrite)
-        kwargs = _options(template, rules, modules, dtype, strict)
+        kwargs = convert_options(template, rules, modules, dtype, casting, strict)
         if not torch_file:
             kwargs.update(path=dst, overwrite=overwrite)
         result = bridge.convert(source, to=to, **kwargs)
@@ -692,7 +327,7 @@ def convert(
         written = _save_torch(result, dst, overwrite) if torch_file else pathlib.Path(dst)
         found = bridge.inspect(written)
         if as_json:
-            _dump(
+            output.dump(
                 {
                     "source": src,
                     "source_format": bridge.detect(source),
@@ -700,44 +335,14 @@ def convert(
                     "path": str(written),
                     "arrays": len(found.rows),
                     "bytes": found.nbytes,
-                    "report": _report_json(report),
+                    "report": output.report_json(report),
                 }
             )
             return
-        summary = f"{len(found.rows)} arrays, {_size(found.nbytes)}"
+        summary = f"{len(found.rows)} arrays, {output.size(found.nbytes)}"
         print(f"wrote {written} ({to}): {summary}")
         if not strict:
             print(str(report))
-
-
-def _read_flat(path: str, other: str, modules: dict[str, str] | None) -> tuple[str, dict]:
-    """`{match_key: leaf}` of a file; a Flax-side file meeting a torch-side one is
-    converted to a torch state_dict first (Flax roles make that direction unambiguous),
-    so that layouts and names meet."""
-    obj: Any = _existing(path)
-    name = fmt = bridge.detect(obj)
-    if name not in TORCH_SIDE and bridge.detect(_existing(other)) in TORCH_SIDE:
-        kwargs = {"modules": modules} if modules else {}
-        obj, fmt = bridge.convert(obj, to="torch", **kwargs), "torch"
-    flat = GRAPH.format(fmt).read(obj, Context(source=fmt))
-    return name, {match_key(key): leaf for key, leaf in flat.items() if not leaf.transient}
-
-
-def _compare(a: Any, b: Any, rtol: float, atol: float) -> tuple[bool, float]:
-    x, y = np.asarray(a), np.asarray(b)
-    if x.dtype.kind in "fc" or y.dtype.kind in "fc" or x.dtype != y.dtype:
-        x64 = x.astype(np.complex128 if x.dtype.kind == "c" else np.float64)
-        y64 = y.astype(np.complex128 if y.dtype.kind == "c" else np.float64)
-        if rtol == 0 and atol == 0:
-            same = bool(np.array_equal(x64, y64, equal_nan=True))
-        else:
-            same = bool(np.allclose(x64, y64, rtol=rtol, atol=atol, equal_nan=True))
-        with np.errstate(invalid="ignore"):
-            gap = float(np.nanmax(np.abs(x64 - y64))) if x64.size else 0.0
-        return same, gap
-    same = bool(np.array_equal(x, y))
-    gap = 0.0 if same else float(np.max(np.abs(x.astype(np.int64) - y.astype(np.int64))))
-    return same, gap
 
 
 @app.command(
@@ -751,72 +356,52 @@ def _compare(a: Any, b: Any, rtol: float, atol: float) -> tuple[bool, float]:
 def diff(
     a: Annotated[str, typer.Argument(metavar="A", help="The first file or checkpoint.")],
     b: Annotated[str, typer.Argument(metavar="B", help="The second file or checkpoint.")],
-    rtol: Annotated[float, typer.Option("--rtol", help="Relative tolerance.")] = 0.0,
-    atol: Annotated[float, typer.Option("--atol", help="Absolute tolerance.")] = 0.0,
+    rtol: Annotated[float | None, typer.Option("--rtol", help="Relative tolerance.")] = None,
+    atol: Annotated[float | None, typer.Option("--atol", help="Absolute tolerance.")] = None,
+    exact: Annotated[
+        bool, typer.Option("--exact", help="Compare bits: NaN payloads and -0.0 count.")
+    ] = False,
     modules: ModulesOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Keys, shapes, dtypes and values that differ between two states; exit 1 if any.
 
-    Values must be equal exactly unless --rtol / --atol are given.
+    Values are compared as numbers, equal unless --rtol / --atol are given (NaN equals
+    NaN, -0.0 equals 0.0), or with --exact bit for bit.
     """
-    with _errors():
-        table = _modules_table(_read_toml(modules), modules) if modules else None
-        fmt_a, left = _read_flat(a, b, table)
-        fmt_b, right = _read_flat(b, a, table)
-        only_a = sorted(set(left) - set(right))
-        only_b = sorted(set(right) - set(left))
-        shapes, dtypes, values = [], [], []
-        for key in sorted(set(left) & set(right)):
-            x, y = left[key], right[key]
-            if x.shape != y.shape:
-                shapes.append({"key": key, "a": list(x.shape), "b": list(y.shape)})
-                continue
-            if str(x.dtype) != str(y.dtype):
-                dtypes.append({"key": key, "a": str(x.dtype), "b": str(y.dtype)})
-            same, gap = _compare(x.value, y.value, rtol, atol)
-            if not same:
-                values.append({"key": key, "max_abs_diff": gap})
-        equal = not (only_a or only_b or shapes or dtypes or values)
-        if as_json:
-            _dump(
-                {
-                    "a": {"path": a, "format": fmt_a, "arrays": len(left)},
-                    "b": {"path": b, "format": fmt_b, "arrays": len(right)},
-                    "equal": equal,
-                    "only_a": only_a,
-                    "only_b": only_b,
-                    "shape": shapes,
-                    "dtype": dtypes,
-                    "values": values,
-                }
-            )
+    with command(as_json, a) as run:
+        if exact and (rtol is not None or atol is not None):
+            raise UsageError("--exact compares bits; it takes no --rtol / --atol")
+        comparison = diffs.Comparison(exact, rtol or 0.0, atol or 0.0)
+        table = modules_table(read_toml(modules), modules) if modules else None
+        fmt_a = bridge.detect(existing(a))
+        run.path = b  # errors from here on are about b, until it is read
+        fmt_b = bridge.detect(existing(b))
+        run.path = a
+        left = diffs.read(a, fmt_a, fmt_b, table)
+        run.path = b
+        right = diffs.read(b, fmt_b, fmt_a, table)
+        run.path = None  # what follows is about both
+        found = diffs.compare(left, right, comparison)
+        sides = {"a": (a, fmt_a, len(left)), "b": (b, fmt_b, len(right))}
+        if found.equal and as_json:
+            output.dump(output.diff_json(sides, found))
+        elif found.equal:
+            print(f"equal: {len(left)} arrays ({fmt_a} {a} == {fmt_b} {b}), values {comparison}")
         else:
-            console = _console()
-            if equal:
-                console.print(f"equal: {len(left)} arrays ({fmt_a} {a} == {fmt_b} {b})")
-            else:
-                out = Table(title=f"{a} ({fmt_a}) vs {b} ({fmt_b})")
-                for column in ("key", "difference", "a", "b"):
-                    out.add_column(column)
-                for key in only_a:
-                    out.add_row(key, "only in a", "present", "-")
-                for key in only_b:
-                    out.add_row(key, "only in b", "-", "present")
-                for row in shapes:
-                    out.add_row(row["key"], "shape", str(tuple(row["a"])), str(tuple(row["b"])))
-                for row in dtypes:
-                    out.add_row(row["key"], "dtype", row["a"], row["b"])
-                for row in values:
-                    out.add_row(row["key"], f"values (max |a-b| {row['max_abs_diff']:.3g})", "", "")
-                console.print(out)
-        if not equal:
-            raise typer.Exit(1)
+            if not as_json:
+                output.print_diff(f"{a} ({fmt_a}) vs {b} ({fmt_b})", found)
+            message = f"{a} and {b} differ, values {comparison}: {found.summary()}"
+            run.fail(message, MISMATCH, "Differences", output.diff_json(sides, found))
 
 
 def main() -> None:
-    """The console script's entry point."""
-    app(prog_name="bridge")
+    """The console script's entry point: the exit status of the contract (cli_errors)."""
+    try:
+        status = app(prog_name="bridge", standalone_mode=False)
+    except typer.TyperException as error:  # a command line that does not parse
+        status = usage_failure(error, sys.argv[1:])
+    sys.exit(status or 0)
 
 
 if __name__ == "__main__":

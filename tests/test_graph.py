@@ -61,9 +61,30 @@ def test_builtin_routes():
         ("nnx_state", "linen"),
     ]
     assert bridge.route("nnx", "linen")[-1].lossy
-    assert {"nnx", "nnx_state", "linen"} <= set(bridge.formats())
+    assert {"nnx", "nnx_state", "linen"} <= set(bridge.registered_formats())
     with pytest.raises(bridge.NoRouteError, match="needs template"):
         bridge.convert({"params": {"w": jnp.ones(2)}}, to="nnx")
+
+
+def test_bridge_formats_is_the_package_of_adapters_and_the_registry_has_its_own_name():
+    """`import bridge.formats.x as y` reaches the adapter module (a function of the same
+    name used to shadow the package); the formats by name are `registered_formats()`."""
+    import types
+
+    import bridge.formats.orbax as orbax_adapter
+    import bridge.formats.safetensors as safetensors_adapter
+
+    assert isinstance(bridge.formats, types.ModuleType)
+    assert safetensors_adapter is bridge.formats.safetensors
+    assert orbax_adapter.__name__ == "bridge.formats.orbax"
+    assert "formats" in bridge.__all__ and "registered_formats" in bridge.__all__
+    registered = bridge.registered_formats()
+    assert {"torch", "safetensors", "nnx", "nnx_state", "linen", "orbax", "msgpack"} <= set(
+        registered
+    )
+    assert all(isinstance(fmt, Format) and fmt.name == name for name, fmt in registered.items())
+    registered.clear()  # a copy: the registry is not the caller's to change
+    assert "orbax" in bridge.registered_formats()
 
 
 def test_detect():
@@ -107,7 +128,7 @@ class NpzState(dict):
 
 
 def test_a_user_format_registers_in_a_few_lines_and_convert_routes_through_it():
-    if "npz_state" not in bridge.formats():
+    if "npz_state" not in bridge.registered_formats():
         bridge.register_format(
             "npz_state",
             detect=lambda obj: float(isinstance(obj, NpzState)),
