@@ -2,14 +2,14 @@
 checkpoints, built the same way by transformers 4.57 and 5.x, for tests/test_hub_layout.py.
 
 Run as a script with transformers 5.x, it is the other side of the `hf4` tests, which
-run in transformers 4.57's environment:
+run in transformers 4.57's environment, one process for all models:
 
-    python tests/hub_models.py export <model> <directory>   # bridge's export, 5.x
-    python tests/hub_models.py load <model> <directory>     # bridge's load into 5.x
+    python tests/hub_models.py export <directory>   # bridge's exports: <directory>/<model>
+    python tests/hub_models.py load <directory>     # bridge's loads of <directory>/<model>
 
-`export` writes `<directory>/bridge` (bridge.save with a meta template) from the model
-of `seed`; `load` reads a Hub directory into a transformers 5 template with bridge and
-prints, as JSON, the report and whether every tensor equals what transformers 5's own
+`export` writes bridge.save's directory (with a meta template) of each model of `SEED`;
+`load` reads each Hub directory into a transformers 5 template with bridge and prints,
+as JSON by model, the report and the tensors that differ from what transformers 5's own
 `from_pretrained` loads from that directory.
 """
 
@@ -126,7 +126,7 @@ def export(name: str, directory: Path) -> None:
     import bridge
 
     model = build(name)
-    bridge.save(model, directory / "bridge", format="safetensors", template=meta_twin(model))
+    bridge.save(model, directory, format="safetensors", template=meta_twin(model))
 
 
 def load(name: str, directory: Path) -> dict[str, Any]:
@@ -142,7 +142,6 @@ def load(name: str, directory: Path) -> dict[str, Any]:
         "missing": [str(problem) for problem in report.missing],
         "unexpected": [str(problem) for problem in report.unexpected],
         "mismatched": [str(problem) for problem in report.mismatched],
-        "keys_equal": sorted(state) == sorted(reference),
         "different": sorted(
             key
             for key, tensor in reference.items()
@@ -150,12 +149,18 @@ def load(name: str, directory: Path) -> dict[str, Any]:
             or state[key].dtype != tensor.dtype
             or not torch.equal(state[key], tensor)
         ),
+        "extra": sorted(set(state) - set(reference)),
     }
 
 
 if __name__ == "__main__":
-    command, model_name, where = sys.argv[1:]
+    command, where = sys.argv[1:]
     if command == "export":
-        export(model_name, Path(where))
+        for model_name in MODELS:
+            export(model_name, Path(where) / model_name)
     else:
-        print(json.dumps(load(model_name, Path(where))))
+        print(
+            json.dumps(
+                {model_name: load(model_name, Path(where) / model_name) for model_name in MODELS}
+            )
+        )
