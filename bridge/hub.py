@@ -30,13 +30,18 @@ import numpy as np
 from bridge.errors import FormatError
 from bridge.formats.torch import from_numpy, to_numpy
 from bridge.graph import Checkpoint, Context
-from bridge.tree import FlatState, Leaf, as_numpy, dotted, parse_dotted
+from bridge.tree import FlatState, Leaf, Path, as_numpy, dotted, parse_dotted
 
 
 def checkpoint(obj: Any) -> Checkpoint | None:
-    """The Hub layout of a transformers `PreTrainedModel`; None for any other object."""
+    """The Hub layout of a transformers 5 `PreTrainedModel`; None for any other object,
+    and with transformers 4, whose models hold their checkpoint names."""
     transformers = sys.modules.get("transformers")
     if transformers is None or not isinstance(obj, transformers.PreTrainedModel):
+        return None
+    try:
+        import transformers.core_model_loading  # transformers 5: its weight conversions
+    except ImportError:
         return None
     return Checkpoint(
         to_files=functools.partial(to_hub, obj),
@@ -217,7 +222,7 @@ def from_hub(model: Any, flat: FlatState, ctx: Context) -> FlatState:
         leaf = flat[keys[key]]
         name, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, own)
         if key in own or name not in own:
-            out[keys[key]] = leaf
+            out[_unique(keys[key], out, key)] = leaf
         elif pattern is None:
             ctx.report.notes.append(f"{key}: read as {name} ({rule(model)})")
             out[_unique(parse_dotted(name), out, key)] = leaf.replace(
@@ -241,11 +246,13 @@ def from_hub(model: Any, flat: FlatState, ctx: Context) -> FlatState:
     return out
 
 
-def _unique(path: tuple, out: FlatState, key: str) -> tuple:
+def _unique(path: Path, out: FlatState, key: str) -> Path:
+    """`path`, unless a tensor read before already took it: a source holding one tensor
+    under both its Hub and its in-memory name is ambiguous."""
     if path in out:
         raise FormatError(
-            f"{key}: becomes {dotted(path)} by the model's checkpoint mapping, a name another "
-            "tensor of the source already has"
+            f"{key}: read as {dotted(path)} by the model's checkpoint mapping, a name another "
+            f"tensor of the source also takes ({out[path].source or dotted(path)!r})"
         )
     return path
 

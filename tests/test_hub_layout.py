@@ -132,6 +132,14 @@ def test_plan_and_report_name_the_checkpoint_mapping(tmp_path: Path) -> None:
     )
 
 
+def test_a_tensor_under_both_its_hub_and_its_own_name_is_refused(tmp_path: Path) -> None:
+    model = build("mixtral")
+    state = dict(model.state_dict())
+    state["model.layers.0.block_sparse_moe.gate.weight"] = state["model.layers.0.mlp.gate.weight"]
+    with pytest.raises(bridge.FormatError, match=r"block_sparse_moe\.gate\.weight"):
+        bridge.convert(state, to="torch", template=meta_twin(model))
+
+
 def test_tied_weights_are_stored_once_and_must_agree(tmp_path: Path) -> None:
     model = build("gpt2")
     _, report = bridge.convert(
