@@ -180,6 +180,26 @@ def test_config_files_are_optional_and_never_replaced_unasked(tmp_path: Path) ->
     assert model.config.architectures is None  # the template's config is not changed
 
 
+def test_a_hub_directory_cast_in_place_keeps_the_hub_layout(tmp_path: Path) -> None:
+    """Read through a transformers template and written back: the Hub's names both ways,
+    and the config says the new dtype, as save_pretrained of the cast model would."""
+    model = build("mixtral")
+    model.save_pretrained(tmp_path)
+    before = tensors(tmp_path / "model.safetensors")
+    template = meta_twin(model).to(torch.bfloat16)
+    bridge.save(
+        tmp_path,
+        tmp_path,
+        format="safetensors",
+        template=template,
+        dtype="bfloat16",
+        overwrite=True,
+    )
+    cast = {key: tensor.to(torch.bfloat16) for key, tensor in before.items()}
+    assert_same_tensors(tensors(tmp_path / "model.safetensors"), cast)
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
+
+
 def test_sharded_export_holds_what_save_pretrained_holds(tmp_path: Path) -> None:
     """The same tensors under the same names across the shards. Which shard holds which
     tensor may differ: huggingface_hub keeps tensors that are views of one storage (the
