@@ -62,7 +62,6 @@ def _run(
     known = frozenset().union(
         {"dtype", "casting", "progress"},
         src_format.options,
-        template_format.options if template_format else (),
         *(GRAPH.format(e.dst).options for e in hops),
     )
     if unknown := sorted(set(options) - known):

@@ -686,7 +686,7 @@ register_format(
     read=read,
     write=write,
     description="a .safetensors file, or a HF directory (model.safetensors or sharded + index)",
-    options={"path", "overwrite", "max_shard_size"},
+    options={"path", "overwrite", "max_shard_size", "config"},
     checkpoint_files=True,
 )
 register_conversion("safetensors", "torch", cost=1.0)

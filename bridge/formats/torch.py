@@ -226,7 +226,7 @@ register_format(
     write=write,
     description="a torch state_dict (or numpy arrays in torch layout), an nn.Module, "
     "or a .pt/.bin/.pth file",
-    options={"modules", "config"},
+    options={"modules"},
     checkpoint=checkpoint,
 )
 register_conversion("torch", "nnx_state", cost=1.0, transform=to_flax)
