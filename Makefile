@@ -10,7 +10,8 @@ TORCH_PIN := torch==2.13.0
 FLAX_MIN := flax==0.12.1
 FLAX_MIN_VENV := .venv-flax-min
 # The last transformers series with Flax models: `make test` checks bridge's torch ->
-# Linen conversion of 12 architectures against its own converter (tests/test_hf4_peer.py).
+# Linen conversion of 12 architectures against its own converter (tests/test_hf4_peer.py),
+# and that exports in the Hub's layout load in it (tests/test_hub_layout.py).
 HF4_PINS := transformers==4.57.3 flax==0.12.8 jax==0.10.2 jaxlib==0.10.2
 HF4_VENV := .venv-hf4
 
@@ -47,8 +48,10 @@ test-flax-min: $(FLAX_MIN_VENV)/bin/.installed
 	$(FLAX_MIN_VENV)/bin/python -m pytest -q -p no:cacheprovider -m flax_compat \
 		$(shell grep -l "pytest.mark.flax_compat" tests/test_*.py)
 
-test-hf4: $(HF4_VENV)/bin/.installed
-	$(HF4_VENV)/bin/python -m pytest -q --tb=short -p no:cacheprovider -m hf4 tests/test_hf4_peer.py
+# tests/test_hub_layout.py drives transformers 5 (the main environment) from 4.57's.
+test-hf4: $(HF4_VENV)/bin/.installed $(BIN)/.installed
+	BRIDGE_HF5_PYTHON=$(abspath $(BIN)/python) $(HF4_VENV)/bin/python -m pytest -q --tb=short \
+		-p no:cacheprovider -m hf4 tests/test_hf4_peer.py tests/test_hub_layout.py
 
 # Speed and memory against the common recipes and the floor (benchmarks/RESULTS.md).
 bench: $(BIN)/.installed

@@ -59,6 +59,7 @@ def _run(
     ctx.report.subject = f"{src}{_named(obj)} -> {to}"
     hops = GRAPH.route(src, to, ctx.satisfies())
     src_format, dst_format = GRAPH.format(src), GRAPH.format(to)
+    template_format = None if template is None else GRAPH.format(GRAPH.detect(template))
     known = frozenset().union(
         {"dtype", "casting", "progress"},
         src_format.options,
@@ -70,9 +71,11 @@ def _run(
         )
     dtype = options.get("dtype")
     target = None if dtype is None else cast_target(dtype, options.get("casting", "same_kind"))
-    if template is not None:  # a file template gives its skeleton: no array data read
-        template_format = GRAPH.format(GRAPH.detect(template))
+    if template_format is not None:  # a file template gives its skeleton: no array data read
         ctx.template_flat = (template_format.inspect or template_format.read)(template, ctx)
+    owner, owner_format = (template, template_format) if template_format else (obj, src_format)
+    if owner_format.checkpoint is not None:  # the files' layout of a transformers model
+        ctx.checkpoint = owner_format.checkpoint(owner)
     read = (src_format.inspect or src_format.read) if dry else src_format.read
     flat = {
         path: leaf.replace(source=src_format.spell(path, leaf))
@@ -85,8 +88,13 @@ def _run(
     flat = apply_rules(flat, ctx.rules, ctx.report, stacking=True)
     if target is not None:
         flat = cast_floating(flat, target)
+    if ctx.checkpoint is not None:
+        flat = ctx.checkpoint.from_files(flat, ctx)
     if ctx.template_flat is not None:
         flat = match(flat, ctx.template_flat, ctx.report, dst_format.spell, read_values=not dry)
+    if ctx.checkpoint is not None and dst_format.checkpoint_files:
+        flat = ctx.checkpoint.to_files(flat, ctx)
+        ctx.companions = ctx.checkpoint.companions(flat, ctx)
     return src, hops, flat, ctx
 
 

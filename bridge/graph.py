@@ -33,6 +33,11 @@ class Context:
     """The template read as a flat state, for edges whose transform depends on it."""
     source: str = ""
     """The source format's name, for writers that lay out a tree the way it was."""
+    checkpoint: Checkpoint | None = None
+    """How files lay out the template's (or the source object's) tensors, where that
+    differs from how it holds them; None: as it holds them."""
+    companions: dict[str, bytes] = dataclasses.field(default_factory=dict)
+    """Files a directory output gets beside the weights (`config.json`), by name."""
 
     def satisfies(self) -> frozenset[str]:
         """The edge needs this call meets."""
@@ -43,6 +48,19 @@ class Context:
 Reader = Callable[[Any, Context], FlatState]
 Writer = Callable[[FlatState, Context], Any]
 Transform = Callable[[FlatState, Context], FlatState]
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """The layout a model's files use where it differs from the model's own (a
+    transformers model keeps fused, renamed tensors in memory and writes its checkpoint
+    names). `from_files` renames a state read from files to the model's names, before
+    matching; `to_files` turns a state matched to the model into the files' layout;
+    `companions` gives the files written beside the weights (`{name: bytes}`)."""
+
+    to_files: Transform
+    from_files: Transform
+    companions: Callable[[FlatState, Context], dict[str, bytes]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +80,11 @@ class Format:
     inspect: Reader | None = None
     """Reads keys, shapes and dtypes without array data (placeholder leaves), for
     formats whose `read` would load the arrays; None when `read` already reads nothing."""
+    checkpoint: Callable[[Any], Checkpoint | None] | None = None
+    """The files' layout of an object of this format used as template (or as source),
+    where it has one of its own (`Checkpoint`)."""
+    checkpoint_files: bool = False
+    """Whether this format's files take that layout (safetensors: as `save_pretrained`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,11 +238,23 @@ def register_format(
     spell: Callable[[Path, Leaf], str] | None = None,
     options: Collection[str] = (),
     inspect: Reader | None = None,
+    checkpoint: Callable[[Any], Checkpoint | None] | None = None,
+    checkpoint_files: bool = False,
 ) -> Format:
     """Add a format: `detect(obj)` scores 0..1, `read(obj, ctx)` gives a flat state,
-    `write(flat, ctx)` builds the object back."""
+    `write(flat, ctx)` builds the object back. `checkpoint(obj)` gives the files' layout
+    of an object of this format where it has its own (`Checkpoint`); `checkpoint_files`
+    says this format's files take it."""
     fmt = Format(
-        name, detect, read, write, description, options=frozenset(options), inspect=inspect
+        name,
+        detect,
+        read,
+        write,
+        description,
+        options=frozenset(options),
+        inspect=inspect,
+        checkpoint=checkpoint,
+        checkpoint_files=checkpoint_files,
     )
     if spell is not None:
         fmt = dataclasses.replace(fmt, spell=spell)

@@ -12,6 +12,7 @@ import tempfile
 # --8<-- [start:imports]
 import jax.numpy as jnp
 import numpy as np
+import safetensors.torch
 import torch
 import transformers
 from flax import nnx
@@ -47,14 +48,23 @@ for key, tensor in hf_model.state_dict().items():
 with torch.device("meta"):
     meta_model = transformers.GPT2LMHeadModel(config)
 
-config.save_pretrained("gpt2-export")  # from_pretrained needs config.json next to the weights
 out = bridge.save(model, "gpt2-export", format="safetensors", template=meta_model)
+print(sorted(path.name for path in out.iterdir()))
 
 reloaded = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
 with torch.no_grad():
     hf_logits = reloaded(torch.from_numpy(ids)).logits.numpy()
 print("from_pretrained gives the NNX logits:", np.allclose(hf_logits, logits, rtol=0, atol=1e-5))
 # --8<-- [end:safetensors]
+
+# --8<-- [start:hub-layout]
+hf_model.save_pretrained("gpt2-reference")
+ours, theirs = (
+    safetensors.torch.load_file(f"{d}/model.safetensors") for d in ("gpt2-export", "gpt2-reference")
+)
+print(len(ours), "tensors, as save_pretrained writes:", ours.keys() == theirs.keys())
+print("bit for bit:", all(torch.equal(ours[key], theirs[key]) for key in theirs))
+# --8<-- [end:hub-layout]
 
 # --8<-- [start:overwrite]
 try:

@@ -677,7 +677,8 @@ def test_detect(tmp_path):
 
 
 def test_registration():
-    assert FORMAT.options == {"path", "overwrite", "max_shard_size"}
+    assert FORMAT.options == {"path", "overwrite", "max_shard_size", "config"}
+    assert FORMAT.checkpoint_files  # a transformers template gives the Hub layout
     assert (FORMAT.read, FORMAT.write, FORMAT.detect) == (st.read, st.write, st.detect)
     to_torch, from_torch = GRAPH.edges["safetensors"]["torch"], GRAPH.edges["torch"]["safetensors"]
     assert (to_torch.cost, to_torch.needs, to_torch.lossy) == (1.0, frozenset(), False)

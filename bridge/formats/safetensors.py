@@ -502,6 +502,9 @@ def write(flat: FlatState, ctx: Context) -> Path:
             )
         with atomic_output(target, overwrite=overwrite) as temp:
             _save(temp, leaves, ctx)
+        if ctx.companions:
+            companions = ", ".join(ctx.companions)
+            ctx.report.notes.append(f"{target}: one file; {companions} go only into a directory")
         return target
 
     sizes = {key: leaf.nbytes for key, leaf in leaves.items()}
@@ -510,11 +513,25 @@ def write(flat: FlatState, ctx: Context) -> Path:
     if os.path.lexists(target):
         sweep(target.parent, lambda output: output == target.name)  # of a new directory's save
         _write_directory(target, layout, leaves, ctx, overwrite)
+        _write_companions(target, ctx, overwrite)
     else:  # a new directory appears whole, or not at all
         with atomic_output(target, directory=True) as built:
             built.mkdir()
             _write_directory(built, layout, leaves, ctx, overwrite=False)
+            _write_companions(built, ctx, overwrite=False)
     return target
+
+
+def _write_companions(directory: Path, ctx: Context, overwrite: bool) -> None:
+    """The files the template gives beside the weights (`config.json`), each atomic; one
+    already there is kept unless `overwrite`, and the report says so."""
+    for name, data in ctx.companions.items():
+        path = directory / name
+        if os.path.lexists(path) and not overwrite:
+            ctx.report.notes.append(f"{path}: kept; overwrite=True replaces it with the template's")
+            continue
+        with atomic_output(path, overwrite=True) as temp:
+            temp.write_bytes(data)
 
 
 def _write_directory(
@@ -669,7 +686,8 @@ register_format(
     read=read,
     write=write,
     description="a .safetensors file, or a HF directory (model.safetensors or sharded + index)",
-    options={"path", "overwrite", "max_shard_size"},
+    options={"path", "overwrite", "max_shard_size", "config"},
+    checkpoint_files=True,
 )
 register_conversion("safetensors", "torch", cost=1.0)
 register_conversion("torch", "safetensors", cost=1.0, needs={"path"})

@@ -22,7 +22,7 @@ import ml_dtypes
 import numpy as np
 
 from bridge.errors import FormatError
-from bridge.graph import Context, register_conversion, register_format
+from bridge.graph import Checkpoint, Context, register_conversion, register_format
 from bridge.layout import TORCH_FAMILIES, family, to_flax, to_torch
 from bridge.progress import track
 from bridge.tree import FlatState, Leaf, dotted, native_numbers, parse_dotted
@@ -195,6 +195,16 @@ def _array(where: str, leaf: Leaf) -> np.ndarray:
     return native_numbers(leaf.value, where)
 
 
+def checkpoint(obj: Any) -> Checkpoint | None:
+    """The layout of a transformers model's files (bridge.hub), for a template or a source
+    that is one; None for any other object. transformers is never imported here."""
+    if "transformers" not in sys.modules or not _is_module(obj):
+        return None
+    from bridge import hub
+
+    return hub.checkpoint(obj)
+
+
 def detect(obj: Any) -> float:
     if isinstance(obj, str | os.PathLike):
         path = FilePath(obj)
@@ -217,6 +227,7 @@ register_format(
     description="a torch state_dict (or numpy arrays in torch layout), an nn.Module, "
     "or a .pt/.bin/.pth file",
     options={"modules"},
+    checkpoint=checkpoint,
 )
 register_conversion("torch", "nnx_state", cost=1.0, transform=to_flax)
 register_conversion("torch", "linen", cost=1.0, transform=to_flax)
