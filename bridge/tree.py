@@ -256,10 +256,12 @@ def changed_by(value: Any, dtype: Any) -> tuple[int, ...] | None:
 
 
 def to_jax(value: Any, where: str, sharding: jax.sharding.Sharding | None = None) -> Any:
-    """A leaf value as the Flax formats hold it: jax arrays and placeholders unchanged,
-    numpy and lazy arrays read and put on the default device; with a sharding over
-    several devices, each device's slice is read and placed on its own, so a device
-    never receives (and a lazy file never gives) more than its shard. A 64-bit value
+    """A leaf value as the Flax formats hold it: placeholders unchanged, jax arrays moved
+    only to a `sharding` they are not on (jax reshards them, across processes too), numpy
+    and lazy arrays read and put on the default device; with a sharding over several
+    devices, each distinct slice this process's devices hold is read once and placed, so
+    a device never receives (and a lazy file never gives) more than its shard; a shape
+    the sharding does not divide is a `FormatError` (JAX holds no uneven shards). A 64-bit value
     that JAX would narrow (x64 off) stays a numpy array on the host, never narrowed.
     `where` names the leaf in the `FormatError` for a value that is not numbers
     (`native_numbers`)."""
@@ -268,15 +270,29 @@ def to_jax(value: Any, where: str, sharding: jax.sharding.Sharding | None = None
     dtype = getattr(value, "dtype", None)
     if jax_narrows(dtype if dtype is not None else np.asarray(value).dtype):
         return native_numbers(np.array(read_slice(value)), where)
+    if isinstance(value, jax.Array):  # resharded by jax (across processes, too) if need be
+        if sharding is None or value.sharding.is_equivalent_to(sharding, value.ndim):
+            return value
+        return jax.device_put(value, sharding)
     if sharding is not None and len(sharding.device_set) > 1:
         shape = tuple(np.shape(value))
-        return jax.make_array_from_callback(
-            shape,
-            sharding,
-            lambda index: _unaliased(native_numbers(read_slice(value, index, view=True), where)),
-        )
-    if isinstance(value, jax.Array):
-        return value
+        slices: dict[
+            tuple[Any, ...], np.ndarray
+        ] = {}  # devices holding the same slice share a read
+
+        def read(index: tuple[slice, ...]) -> np.ndarray:
+            key = tuple((part.start, part.stop, part.step) for part in index)
+            if key not in slices:
+                slices[key] = _unaliased(native_numbers(read_slice(value, index, view=True), where))
+            return slices[key]
+
+        try:
+            sharding.shard_shape(shape)
+        except ValueError as exc:  # JAX places no uneven shards from host data
+            raise FormatError(
+                f"{where}: shape {shape} cannot be placed on {sharding}: {exc}"
+            ) from None
+        return jax.make_array_from_callback(shape, sharding, read)
     array = native_numbers(read_slice(value, view=True), where)
     # A contiguous view of a file's map must be copied (jax would alias it on the CPU);
     # a strided one (a transposed kernel) jax copies itself, in one pass.
