@@ -123,7 +123,21 @@ def read_slice(value: Any, index: Any = ..., *, view: bool = False) -> Any:
     possibly memory it does not own (see `LazyArray.view`)."""
     if isinstance(value, LazyArray):
         return value.view(index) if view else value.read(index)
-    return np.asarray(value)[index] if index is not Ellipsis else np.asarray(value)
+    array = np.asarray(on_this_process(value))
+    return array[index] if index is not Ellipsis else array
+
+
+def on_this_process(value: Any, where: str = "an array") -> Any:
+    """`value`, unless it is a jax array with shards on other processes, which one process
+    cannot read alone: then a `FormatError` saying what can (a save every process makes)."""
+    spans = isinstance(value, jax.Array) and not value.is_fully_addressable
+    if spans and not value.is_fully_replicated:
+        raise FormatError(
+            f"{where} of shape {value.shape} spans processes ({value.sharding}); no "
+            "process can read it alone: save it with bridge.save(...) called on every "
+            "process, or gather it first (jax.experimental.multihost_utils.process_allgather)"
+        )
+    return value
 
 
 def split(value: Any, parts: int, index: int, axis: int = 0) -> Derived:
@@ -312,7 +326,7 @@ def native_numbers(value: Any, where: str) -> np.ndarray:
     """`value` as jax and torch take it: a numpy array of numbers (bool, int, float,
     complex, bf16 / fp8) in native byte order; a big-endian array is converted (same
     values). Strings, bytes, dates and objects are a `FormatError` naming `where`."""
-    array = np.asarray(value)
+    array = np.asarray(on_this_process(value, where))
     if not (jnp.issubdtype(array.dtype, jnp.number) or array.dtype == np.bool_):
         raise FormatError(
             f"{where}: {reprlib.repr(value)} is of dtype {array.dtype}, where an array of "
@@ -523,7 +537,7 @@ def as_numpy(key: str, value: Any) -> np.ndarray:
     """`np.asarray(value)` for a writer, turning "not an array" into a `FormatError` that
     names the key (a lazy source that is itself corrupt raises its own)."""
     try:
-        return np.asarray(value)
+        return np.asarray(on_this_process(value, repr(key)))
     except FormatError:
         raise
     except (TypeError, ValueError) as exc:

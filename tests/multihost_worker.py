@@ -257,6 +257,13 @@ def main(port: str, processes: str, index: str, directory: str) -> None:
         assert "'w'" in str(exc) and "(6,)" in str(exc), exc
         result["uneven"] = str(exc)
 
+    # an in-memory state_dict of arrays spanning processes: no process can make it alone
+    try:
+        bridge.convert(model, to="torch")
+        raise AssertionError("a state_dict of arrays spanning processes")
+    except bridge.FormatError as exc:
+        assert "spans processes" in str(exc), exc
+
     # a Linen TrainState whose arrays span the processes -> sharded NNX model + optimizer
     from flax.training import train_state
 
