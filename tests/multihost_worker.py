@@ -25,6 +25,10 @@ from safetensors.numpy import load_file
 
 LAYERS, VOCAB, HIDDEN, INTERMEDIATE, KV = 4, 512, 128, 256, 64
 MESH_SHAPE, AXES = (2, 4), ("data", "model")
+STARTUP_TIMEOUT = 40
+"""Seconds the processes have to find each other; on a busy machine they sometimes do
+not (the launcher then tries once more, on another port)."""
+STARTED = "all processes connected"
 
 
 def llama_state() -> dict[str, np.ndarray]:
@@ -164,8 +168,12 @@ def expect_failure(failing: int, error: type, *args, **kwargs) -> str:
 def main(port: str, processes: str, index: str, directory: str) -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
-        f"localhost:{port}", num_processes=int(processes), process_id=int(index)
+        f"localhost:{port}",
+        num_processes=int(processes),
+        process_id=int(index),
+        initialization_timeout=STARTUP_TIMEOUT,
     )
+    print(STARTED, flush=True)
     import bridge
     from bridge.formats import safetensors as safetensors_format
 

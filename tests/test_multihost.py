@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from multihost_worker import llama_state
+from multihost_worker import STARTED, llama_state
 from safetensors.numpy import save_file
 
 import bridge
@@ -99,6 +99,8 @@ def launch(directory: Path, processes: int = PROCESSES) -> list[tuple[int | None
 def test_two_processes_load_and_save_each_touching_only_their_bytes(tmp_path):
     write_sources(tmp_path)
     runs = launch(tmp_path)
+    if not all(STARTED in output for _, output in runs):  # never met: another port, once
+        runs = launch(tmp_path)
     for code, output in runs:
         assert code == 0, output[-6000:]
     results = [json.loads(output.rsplit("RESULT ", 1)[1]) for _, output in runs]
