@@ -216,6 +216,8 @@ def main(port: str, processes: str, index: str, directory: str) -> None:
         bridge.load(out / "sharded", to="nnx", template=template), expected, "saved shards"
     )
     bridge.save(model, out / "model.msgpack", format="msgpack")
+    plan = str(bridge.plan(out / "model.msgpack", to="nnx", template=template))
+    assert "each of the 2 processes parses the whole file" in plan, plan
     check_shards(
         bridge.load(out / "model.msgpack", to="nnx", template=template), expected, "msgpack"
     )

@@ -176,6 +176,11 @@ def read(obj: bytes | bytearray | str | os.PathLike[str], ctx: Context) -> FlatS
             raise FormatError(f"{file}: no such file")
         where = str(file)
         tree = _restore(file.read_bytes(), where)  # the file's bytes are freed once decoded
+        if multihost.processes() > 1:
+            ctx.report.notes.append(
+                f"{where}: each of the {multihost.processes()} processes parses the whole "
+                "file (msgpack has no index to read a slice by)"
+            )
     if not isinstance(tree, dict):
         raise FormatError(
             f"{where}: the top level is of type {type(tree).__name__}; Flax msgpack "
