@@ -15,7 +15,7 @@ FLAX_MIN_VENV := .venv-flax-min
 HF4_PINS := transformers==4.57.3 flax==0.12.8 jax==0.10.2 jaxlib==0.10.2
 HF4_VENV := .venv-hf4
 
-.PHONY: demo test test-flax-min test-hf4 lint docs bench bench-large clean
+.PHONY: demo test test-flax-min test-hf4 lint docs bench bench-large bench-multihost clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +62,11 @@ bench: $(BIN)/.installed
 bench-large: $(BIN)/.installed
 	$(BIN)/python benchmarks/bench_load.py --methods bridge --dtypes float32 --shard-gb 1 --repeat 1 \
 		--size-gb $$($(BIN)/python -c "import os; print(round(0.6 * os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 1e9, 1))")
+
+# 1 process of 8 CPU devices against 2 of 4 (jax.distributed on localhost, gloo): wall
+# time, bytes read per process, save and load times (benchmarks/RESULTS.md).
+bench-multihost: $(BIN)/.installed
+	$(BIN)/python benchmarks/multihost.py --size-mb 256 --record
 
 docs: $(BIN)/.installed
 	$(BIN)/mkdocs build --strict

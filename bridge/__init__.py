@@ -23,6 +23,7 @@ from bridge.errors import (
     MismatchError,
     NoRouteError,
     OutputExistsError,
+    PeerError,
 )
 from bridge.graph import Context, Edge, Format, register_conversion, register_format
 from bridge.mapping import Merge, Rule, Split, Stack, Unstack
@@ -49,6 +50,7 @@ __all__ = [
     "NoRouteError",
     "OutputExistsError",
     "Path",
+    "PeerError",
     "Plan",
     "PlanRow",
     "Problem",

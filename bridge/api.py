@@ -9,6 +9,7 @@ import pathlib
 from collections.abc import Sequence
 from typing import Any, Literal, overload
 
+from bridge import multihost
 from bridge.errors import MismatchError
 from bridge.graph import GRAPH, Context, Edge, Format
 from bridge.mapping import Rule, apply_rules, match
@@ -78,7 +79,9 @@ def _run(
         ctx.checkpoint = owner_format.checkpoint(owner)
     read = (src_format.inspect or src_format.read) if dry else src_format.read
     flat = {
-        path: leaf.replace(source=src_format.spell(path, leaf))
+        path: leaf.replace(
+            source=src_format.spell(path, leaf), value=multihost.gathered(leaf.value)
+        )
         for path, leaf in read(obj, ctx).items()
     }
     flat = apply_rules(flat, ctx.rules, ctx.report)
@@ -142,10 +145,13 @@ def convert(
     rounds, wraps or truncates values: it is a `FormatError` unless asked for with
     `casting="unsafe"` (numpy's name for such casts).
     """
-    _, _, flat, ctx = _run(obj, to, source, template, rules, strict, options)
-    if strict and not ctx.report.ok:
-        raise MismatchError(ctx.report)
-    result = GRAPH.format(to).write(flat, ctx)
+    saving = options.get("path") is not None  # under jax.distributed, on every process
+    with multihost.gathering(saving):
+        with multihost.together(f"{_named(obj).strip() or to}: reading", collective=saving):
+            _, _, flat, ctx = _run(obj, to, source, template, rules, strict, options)
+            if strict and not ctx.report.ok:
+                raise MismatchError(ctx.report)
+        result = GRAPH.format(to).write(flat, ctx)
     return result if strict else (result, ctx.report)
 
 

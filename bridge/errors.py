@@ -34,3 +34,8 @@ class MismatchError(BridgeError):
     def __init__(self, report: Report) -> None:
         self.report = report
         super().__init__(str(report))
+
+
+class PeerError(BridgeError):
+    """Another process of a `jax.distributed` program failed in a step that all processes
+    take together (a save): this one stops too, instead of waiting for it."""

@@ -123,7 +123,21 @@ def read_slice(value: Any, index: Any = ..., *, view: bool = False) -> Any:
     possibly memory it does not own (see `LazyArray.view`)."""
     if isinstance(value, LazyArray):
         return value.view(index) if view else value.read(index)
-    return np.asarray(value)[index] if index is not Ellipsis else np.asarray(value)
+    array = np.asarray(on_this_process(value))
+    return array[index] if index is not Ellipsis else array
+
+
+def on_this_process(value: Any, where: str = "an array") -> Any:
+    """`value`, unless it is a jax array with shards on other processes, which one process
+    cannot read alone: then a `FormatError` saying what can (a save every process makes)."""
+    spans = isinstance(value, jax.Array) and not value.is_fully_addressable
+    if spans and not value.is_fully_replicated:
+        raise FormatError(
+            f"{where} of shape {value.shape} spans processes ({value.sharding}); no "
+            "process can read it alone: save it with bridge.save(...) called on every "
+            "process, or gather it first (jax.experimental.multihost_utils.process_allgather)"
+        )
+    return value
 
 
 def split(value: Any, parts: int, index: int, axis: int = 0) -> Derived:
@@ -256,10 +270,12 @@ def changed_by(value: Any, dtype: Any) -> tuple[int, ...] | None:
 
 
 def to_jax(value: Any, where: str, sharding: jax.sharding.Sharding | None = None) -> Any:
-    """A leaf value as the Flax formats hold it: jax arrays and placeholders unchanged,
-    numpy and lazy arrays read and put on the default device; with a sharding over
-    several devices, each device's slice is read and placed on its own, so a device
-    never receives (and a lazy file never gives) more than its shard. A 64-bit value
+    """A leaf value as the Flax formats hold it: placeholders unchanged, jax arrays moved
+    only to a `sharding` they are not on (jax reshards them, across processes too), numpy
+    and lazy arrays read and put on the default device; with a sharding over several
+    devices, each distinct slice this process's devices hold is read once and placed, so
+    a device never receives (and a lazy file never gives) more than its shard; a shape
+    the sharding does not divide is a `FormatError` (JAX holds no uneven shards). A 64-bit value
     that JAX would narrow (x64 off) stays a numpy array on the host, never narrowed.
     `where` names the leaf in the `FormatError` for a value that is not numbers
     (`native_numbers`)."""
@@ -268,15 +284,29 @@ def to_jax(value: Any, where: str, sharding: jax.sharding.Sharding | None = None
     dtype = getattr(value, "dtype", None)
     if jax_narrows(dtype if dtype is not None else np.asarray(value).dtype):
         return native_numbers(np.array(read_slice(value)), where)
+    if isinstance(value, jax.Array):  # resharded by jax (across processes, too) if need be
+        if sharding is None or value.sharding.is_equivalent_to(sharding, value.ndim):
+            return value
+        return jax.device_put(value, sharding)
     if sharding is not None and len(sharding.device_set) > 1:
         shape = tuple(np.shape(value))
-        return jax.make_array_from_callback(
-            shape,
-            sharding,
-            lambda index: _unaliased(native_numbers(read_slice(value, index, view=True), where)),
-        )
-    if isinstance(value, jax.Array):
-        return value
+        slices: dict[
+            tuple[Any, ...], np.ndarray
+        ] = {}  # devices holding the same slice share a read
+
+        def read(index: tuple[slice, ...]) -> np.ndarray:
+            key = tuple((part.start, part.stop, part.step) for part in index)
+            if key not in slices:
+                slices[key] = _unaliased(native_numbers(read_slice(value, index, view=True), where))
+            return slices[key]
+
+        try:
+            sharding.shard_shape(shape)
+        except ValueError as exc:  # JAX places no uneven shards from host data
+            raise FormatError(
+                f"{where}: shape {shape} cannot be placed on {sharding}: {exc}"
+            ) from None
+        return jax.make_array_from_callback(shape, sharding, read)
     array = native_numbers(read_slice(value, view=True), where)
     # A contiguous view of a file's map must be copied (jax would alias it on the CPU);
     # a strided one (a transposed kernel) jax copies itself, in one pass.
@@ -296,7 +326,7 @@ def native_numbers(value: Any, where: str) -> np.ndarray:
     """`value` as jax and torch take it: a numpy array of numbers (bool, int, float,
     complex, bf16 / fp8) in native byte order; a big-endian array is converted (same
     values). Strings, bytes, dates and objects are a `FormatError` naming `where`."""
-    array = np.asarray(value)
+    array = np.asarray(on_this_process(value, where))
     if not (jnp.issubdtype(array.dtype, jnp.number) or array.dtype == np.bool_):
         raise FormatError(
             f"{where}: {reprlib.repr(value)} is of dtype {array.dtype}, where an array of "
@@ -507,7 +537,7 @@ def as_numpy(key: str, value: Any) -> np.ndarray:
     """`np.asarray(value)` for a writer, turning "not an array" into a `FormatError` that
     names the key (a lazy source that is itself corrupt raises its own)."""
     try:
-        return np.asarray(value)
+        return np.asarray(on_this_process(value, repr(key)))
     except FormatError:
         raise
     except (TypeError, ValueError) as exc:

@@ -31,6 +31,7 @@ import msgpack
 import numpy as np
 from flax import serialization
 
+from bridge import multihost
 from bridge.atomic import atomic_output
 from bridge.errors import FormatError
 from bridge.graph import (
@@ -175,6 +176,11 @@ def read(obj: bytes | bytearray | str | os.PathLike[str], ctx: Context) -> FlatS
             raise FormatError(f"{file}: no such file")
         where = str(file)
         tree = _restore(file.read_bytes(), where)  # the file's bytes are freed once decoded
+        if multihost.processes() > 1:
+            ctx.report.notes.append(
+                f"{where}: each of the {multihost.processes()} processes parses the whole "
+                "file (msgpack has no index to read a slice by)"
+            )
     if not isinstance(tree, dict):
         raise FormatError(
             f"{where}: the top level is of type {type(tree).__name__}; Flax msgpack "
@@ -260,13 +266,19 @@ def _serialize(flat: FlatState, ctx: Context) -> bytes:
 
 def write(flat: FlatState, ctx: Context) -> bytes | FilePath:
     """The msgpack bytes; with `path=...`, a file written atomically instead (an existing
-    one only with `overwrite=True`), and its path returned."""
+    one only with `overwrite=True`), and its path returned. Under `jax.distributed`
+    process 0 writes the file, gathering the arrays that span processes; the bytes are
+    made in memory whole, as with one process."""
     if ctx.options.get("path") is None:
         return _serialize(flat, ctx)
     target = FilePath(os.fspath(ctx.options["path"]))
-    with atomic_output(target, overwrite=bool(ctx.options.get("overwrite"))) as temp:
-        temp.write_bytes(_serialize(flat, ctx))
-    return target
+
+    def save() -> FilePath:
+        with atomic_output(target, overwrite=bool(ctx.options.get("overwrite"))) as temp:
+            temp.write_bytes(_serialize(flat, ctx))
+        return target
+
+    return multihost.written_by_primary(save, target)
 
 
 def spell(path: Path, leaf: Leaf) -> str:

@@ -46,7 +46,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from bridge.atomic import atomic_output
+from bridge import multihost
 from bridge.errors import FormatError
 from bridge.graph import (
     Context,
@@ -555,14 +555,15 @@ def _restore_args(entry: _Entry, like: Leaf | None) -> ocp.RestoreArgs:
     if entry.is_key or (like is not None and _is_key_dtype(like.dtype)):
         return ocp.ArrayRestoreArgs(
             restore_type=jax.Array,
-            sharding=sharding or jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0]),
+            sharding=sharding
+            or jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0]),
         )
     if (
         like is not None
         and (like.shape, like.dtype) == (entry.leaf.shape, entry.leaf.dtype)
         and not entry.is_scalar
     ):
-        sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         return ocp.ArrayRestoreArgs(restore_type=jax.Array, sharding=sharding)
     return ocp.RestoreArgs(restore_type=np.ndarray)
 
@@ -648,6 +649,7 @@ def _to_json(value: Any) -> Any:
 def _array(key: str, value: Any) -> Any:
     """What Orbax is given: jax arrays as they are (sharded ones are saved per shard),
     anything else as a numpy array."""
+    value = multihost.as_array(value)
     if isinstance(value, jax.Array):
         return value
     array = as_numpy(key, value)
@@ -753,7 +755,9 @@ def write(flat: FlatState, ctx: Context) -> Path:
 
     A checkpoint directory is one unit, as in Orbax: Orbax saves (into its own temporary,
     then renamed) inside bridge's temporary directory, which takes the place of `path`
-    only once complete, so a failure leaves nothing at `path`. An existing `path` is
+    only once complete, so a failure leaves nothing at `path`. Under `jax.distributed`
+    every process calls this: they share one temporary (`multihost.shared_output`) and
+    Orbax's own multi-process save writes each process's shards. An existing `path` is
     refused without `overwrite=True` (an empty directory counts as absent); with it, the
     whole directory, whatever else it held, is swapped for the new checkpoint.
     """
@@ -761,7 +765,8 @@ def write(flat: FlatState, ctx: Context) -> Path:
         raise FormatError("writing an Orbax checkpoint needs path=... (a directory)")
     target = Path(os.fspath(ctx.options["path"]))
     collection_first = ctx.source in COLLECTION_FIRST_SOURCES
-    arrays, leaves = _layout(flat, ctx, collection_first)
+    with multihost.together(f"{target}: laying out the Orbax tree"):
+        arrays, leaves = _layout(flat, ctx, collection_first)
     description = {
         "bridge_version": _bridge_version(),
         "source": ctx.source,
@@ -770,7 +775,7 @@ def write(flat: FlatState, ctx: Context) -> Path:
     }
     tree = unflatten_mapping(arrays)  # keys checked by _check_keys
     overwrite = bool(ctx.options.get("overwrite"))
-    with atomic_output(target, overwrite=overwrite, directory=True) as temp:  # absolute
+    with multihost.shared_output(target, overwrite=overwrite, directory=True) as temp:
         try:
             with ocp.StandardCheckpointer() as checkpointer:
                 checkpointer.save(temp, tree, custom_metadata={DESCRIPTION_KEY: description})

@@ -28,6 +28,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from bridge import multihost
 from bridge.atomic import Temporary, atomic_output, fsync, make_directory, move, output_of, sweep
 from bridge.errors import FormatError, OutputExistsError
 from bridge.graph import Context, register_conversion, register_format
@@ -104,6 +105,12 @@ class _MappedFile:
         return self._mapped
 
 
+bytes_read = 0
+"""Bytes this process has taken out of safetensors files (the sizes of the slices
+`SafetensorsArray.view` selected): how tests and benchmarks see that a sharded load, on
+one host or many, reads only the slices its devices hold."""
+
+
 class SafetensorsArray(LazyArray):
     """A tensor of a safetensors file, read on demand.
 
@@ -136,9 +143,12 @@ class SafetensorsArray(LazyArray):
     def view(self, index: Any = ...) -> np.ndarray:
         """The selected bytes in place in the map, read-only, copied by nobody: what a
         loader copies straight into device memory, sparing an in-memory copy."""
+        global bytes_read
         start = self.file.data_start + self.begin
         raw = self.file.buffer()[start : start + self.nbytes]
-        return raw.view(self.dtype).reshape(self.shape)[index]
+        selected = raw.view(self.dtype).reshape(self.shape)[index]
+        bytes_read += selected.nbytes
+        return selected
 
 
 def _identity(stat: os.stat_result) -> tuple[int, ...]:
@@ -488,10 +498,15 @@ SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 def write(flat: FlatState, ctx: Context) -> Path:
     """Write `ctx.options["path"]`: a `.safetensors` file (atomic; an existing one is
     replaced only with `overwrite=True`), else the weights of a HF directory, sharded by
-    `max_shard_size`, as `_write_directory` says."""
+    `max_shard_size`, as `_write_directory` says. Under `jax.distributed` process 0
+    writes, gathering one array at a time (`multihost.written_by_primary`)."""
     if ctx.options.get("path") is None:
         raise FormatError("writing safetensors needs path=... (a .safetensors file or a directory)")
     target = Path(os.fspath(ctx.options["path"]))
+    return multihost.written_by_primary(lambda: _write(flat, ctx, target), target)
+
+
+def _write(flat: FlatState, ctx: Context, target: Path) -> Path:
     overwrite = bool(ctx.options.get("overwrite"))
     max_shard_size = ctx.options.get("max_shard_size")
     leaves = _checked(flat)

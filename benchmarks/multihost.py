@@ -1,0 +1,202 @@
+"""Loads and saves under `jax.distributed`: 1 process with 8 CPU devices against 2
+processes with 4 each, the same (2, 4) mesh and the same checkpoint.
+
+    python benchmarks/multihost.py [--size-mb 256] [--record]
+
+Writes a checkpoint of `--layers` sharded (in, out) kernels (torch layout, so each is
+read through the transposed index) plus a replicated norm per layer, then runs the
+program once per process count. Each process loads the safetensors file into the
+sharded template, saves it to Orbax and to safetensors, and loads the Orbax checkpoint
+back, every step timed between barriers; bytes read are bridge's own count of the
+slices taken out of the file (`bridge.formats.safetensors.bytes_read`). `--record`
+writes the table into benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).parent
+HIDDEN = 1024
+DEVICES = 8
+STEPS = ("load safetensors", "save orbax", "save safetensors", "load orbax")
+
+
+def worker(port: str, processes: str, index: str, directory: str, layers: str) -> None:
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={DEVICES // int(processes)}"
+    import jax
+
+    if int(processes) > 1:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            f"localhost:{port}", num_processes=int(processes), process_id=int(index)
+        )
+    from flax import nnx
+    from jax.experimental import multihost_utils
+
+    import bridge
+    from bridge.formats import safetensors as safetensors_format
+
+    class Stack(nnx.Module):
+        def __init__(self, rngs: nnx.Rngs) -> None:
+            kernel = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("data", "model"))
+            scale = nnx.with_partitioning(nnx.initializers.ones, (None,))
+            self.layers = nnx.List(
+                [
+                    nnx.Linear(HIDDEN, HIDDEN, use_bias=False, kernel_init=kernel, rngs=rngs)
+                    for _ in range(int(layers))
+                ]
+            )
+            self.norms = nnx.List(
+                [nnx.RMSNorm(HIDDEN, scale_init=scale, rngs=rngs) for _ in range(int(layers))]
+            )
+
+    here = Path(directory)
+    out = here / f"out{processes}"
+    mesh = jax.make_mesh((2, 4), ("data", "model"))
+    template = nnx.merge(*nnx.get_abstract_model(lambda: Stack(nnx.Rngs(0)), mesh))
+    times = {}
+
+    def timed(step: str, call):
+        multihost_utils.sync_global_devices(f"before {step}")
+        start = time.perf_counter()
+        result = call()
+        jax.block_until_ready(jax.tree.leaves(nnx.state(result)) if step.startswith("load") else 0)
+        multihost_utils.sync_global_devices(f"after {step}")
+        times[step] = time.perf_counter() - start
+        return result
+
+    model = timed(
+        "load safetensors",
+        lambda: bridge.load(here / "model.safetensors", to="nnx", template=template),
+    )
+    read = safetensors_format.bytes_read
+    timed("save orbax", lambda: bridge.save(model, out / "ckpt", format="orbax"))
+    timed(
+        "save safetensors",
+        lambda: bridge.save(model, out / "model.safetensors", format="safetensors"),
+    )
+    timed("load orbax", lambda: bridge.load(out / "ckpt", to="nnx", template=template))
+    print("RESULT " + json.dumps({"index": int(index), "read": read, "times": times}), flush=True)
+
+
+def run(processes: int, directory: Path, layers: int) -> tuple[float, list[dict]]:
+    """Wall time of the whole program (start to last exit) and each process's results."""
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        port = str(probe.getsockname()[1])
+    start = time.perf_counter()
+    workers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                __file__,
+                "--worker",
+                port,
+                str(processes),
+                str(index),
+                str(directory),
+                str(layers),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        for index in range(processes)
+    ]
+    try:
+        outputs = [worker.communicate(timeout=900)[0] for worker in workers]
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                os.killpg(worker.pid, signal.SIGKILL)
+                worker.wait()
+    wall = time.perf_counter() - start
+    assert all(worker.returncode == 0 for worker in workers), outputs
+    return wall, [json.loads(output.rsplit("RESULT ", 1)[1]) for output in outputs]
+
+
+def table(size: int, results: dict[int, tuple[float, list[dict]]]) -> str:
+    base_wall, base = results[1]
+    header = (
+        "| processes | wall s (program) | bytes read per process | x checkpoint | "
+        + " | ".join(f"{step} s" for step in STEPS)
+        + " |"
+    )
+    lines = [header, "|" + "---:|" * (4 + len(STEPS))]
+    for count, (wall, per_process) in sorted(results.items()):
+        reads = ", ".join(f"{r['read'] / 1e6:.1f} MB" for r in per_process)
+        ratio = max(r["read"] for r in per_process) / size
+        steps = [max(r["times"][step] for r in per_process) for step in STEPS]
+        lines.append(
+            f"| {count} | {wall:.1f} ({wall / base_wall:.2f}x) | {reads} | {ratio:.2f} | "
+            + " | ".join(
+                f"{value:.2f} ({value / max(r['times'][step] for r in base):.2f}x)"
+                for value, step in zip(steps, STEPS, strict=True)
+            )
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def record(text: str) -> None:
+    path = HERE / "RESULTS.md"
+    current = path.read_text()
+    section = re.compile(r"\n### Many hosts: `make bench-multihost`.*?(?=\n### |\Z)", re.DOTALL)
+    current = section.sub("", current).rstrip("\n") + "\n"
+    path.write_text(current + "\n" + text + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mb", type=float, default=256)
+    parser.add_argument("--record", action="store_true")
+    args = parser.parse_args()
+    layers = max(1, round(args.size_mb * 1e6 / (HIDDEN * HIDDEN * 4)))
+    rng = np.random.default_rng(0)
+    from safetensors.numpy import save_file
+
+    with tempfile.TemporaryDirectory(prefix="bridge-bench-") as scratch:
+        directory = Path(scratch)
+        state = {}
+        for i in range(layers):
+            state[f"layers.{i}.weight"] = rng.normal(size=(HIDDEN, HIDDEN)).astype(np.float32)
+            state[f"norms.{i}.weight"] = rng.normal(size=HIDDEN).astype(np.float32)
+        save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
+        size = sum(value.nbytes for value in state.values())
+        del state
+        results = {count: run(count, directory, layers) for count in (1, 2)}
+    text = (
+        f"### Many hosts: `make bench-multihost`\n\n"
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores; command: "
+        f"`python benchmarks/multihost.py --size-mb {args.size_mb:g}`. A checkpoint of "
+        f"{size / 1e6:.0f} MB ({layers} sharded (1024, 1024) float32 kernels read through "
+        f"the transposed index, {layers} replicated norms) on one (2, 4) mesh of 8 CPU "
+        "devices: 1 process holding all 8, or 2 processes of 4 (gloo). Step times are the "
+        "slowest process's, between barriers; ratios to 1 process in the same run. Orbax "
+        "saves split the writing between the processes; a single-file save is written by "
+        "process 0, which gathers the arrays over gloo one at a time.\n\n" + table(size, results)
+    )
+    print(text)
+    if args.record:
+        record(text)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--worker"]:
+        worker(*sys.argv[2:])
+    else:
+        main()

@@ -1,0 +1,228 @@
+"""Saves under `jax.distributed`: every process calls the same `bridge.save`, and they
+meet through the runtime's collectives, nothing of bridge's own.
+
+With one process every function here is the plain single-process path. With several:
+
+- `together` ends a step on every process at once: if it failed on any, it fails on all
+  (the failing process raises its own error, the others `PeerError`), so no process is
+  left waiting in a later collective for one that gave up;
+- `shared_output` is `atomic_output` for a directory all processes write into (an Orbax
+  checkpoint): process 0 makes the temporary and tells the others its name, and moves
+  it into place once every process has finished its part;
+- `gathering` / `gathered` give a save's source arrays that span processes a number,
+  the same on every process, and `written_by_primary` runs a single-file writer
+  (safetensors, msgpack) on process 0 while the others serve it: each such array is
+  gathered when process 0's writer reads it, one array at a time, and every process
+  returns once the file is in place.
+
+Messages between processes are short texts exchanged with
+`multihost_utils.process_allgather`, one collective per step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from bridge.atomic import atomic_output
+from bridge.errors import PeerError
+from bridge.tree import LazyArray
+
+T = TypeVar("T")
+
+MESSAGE_BYTES = 2048
+"""The longest message a process sends (an error, a temporary's name); longer ones are cut."""
+
+
+def processes() -> int:
+    """How many processes the program runs as (1 without `jax.distributed`)."""
+    return jax.process_count()
+
+
+def is_primary() -> bool:
+    """Whether this is process 0, which writes what only one process writes."""
+    return jax.process_index() == 0
+
+
+def _exchange(text: str) -> list[str]:
+    """Every process's `text`, by process index; every process must call it."""
+    data = text.encode()[:MESSAGE_BYTES]
+    buffer = np.zeros(MESSAGE_BYTES + 2, np.uint8)
+    buffer[:2] = np.frombuffer(len(data).to_bytes(2, "little"), np.uint8)
+    buffer[2 : 2 + len(data)] = np.frombuffer(data, np.uint8)
+    rows = np.asarray(multihost_utils.process_allgather(buffer))
+    return [
+        bytes(row[2 : 2 + int.from_bytes(bytes(row[:2]), "little")]).decode(errors="replace")
+        for row in rows
+    ]
+
+
+def agree(step: str, error: Exception | None = None, payload: str = "") -> str:
+    """Every process reports how `step` went; returns process 0's `payload`. If another
+    process failed and this one did not, raises `PeerError` naming them and their errors;
+    a process that failed gets back to raising its own `error`."""
+    mine = f"failed {type(error).__name__}: {error}" if error is not None else f"ok {payload}"
+    reports = _exchange(mine)
+    failed = {index: report[7:] for index, report in enumerate(reports) if report[:7] == "failed "}
+    if failed and error is None:
+        listed = "; ".join(f"process {index}: {message}" for index, message in failed.items())
+        raise PeerError(f"{step} failed on {len(failed)} of {len(reports)} processes: {listed}")
+    return reports[0].removeprefix("ok ")
+
+
+@contextlib.contextmanager
+def together(step: str, *, collective: bool = True) -> Iterator[None]:
+    """Run the block, then `agree` on it: it raises on every process if it raised on any.
+    Without `collective` (or with one process) just the block."""
+    if not collective or processes() == 1:
+        yield
+        return
+    try:
+        yield
+    except Exception as exc:
+        agree(step, exc)
+        raise
+    agree(step)
+
+
+@contextlib.contextmanager
+def shared_output(
+    path: str | os.PathLike[str], *, overwrite: bool = False, directory: bool = False
+) -> Iterator[Path]:
+    """`atomic_output` for an output every process writes a part of: process 0 makes the
+    temporary (checks, sweeps, locks as `atomic_output` does) and the others build in the
+    same place; once all are done, process 0 moves it into place. Every step is agreed,
+    so all processes return with the output in place, or all raise and none is left."""
+    if processes() == 1:
+        with atomic_output(path, overwrite=overwrite, directory=directory) as built:
+            yield built
+        return
+    output = atomic_output(path, overwrite=overwrite, directory=directory) if is_primary() else None
+    built = ""
+    try:
+        if output is not None:
+            built = os.fspath(output.__enter__())
+    except Exception as exc:
+        agree(f"{path}: making the temporary", exc)
+        raise
+    built = agree(f"{path}: making the temporary", payload=built)
+
+    error: Exception | None = None
+    try:
+        yield Path(built)
+    except Exception as exc:
+        error = exc
+    try:
+        agree(f"{path}: writing", error)
+        if error is not None:
+            raise error
+    except BaseException as exc:
+        if output is not None:
+            output.__exit__(type(exc), exc, exc.__traceback__)
+        raise
+
+    error = None
+    if output is not None:
+        try:
+            output.__exit__(None, None, None)
+        except Exception as exc:
+            error = exc
+    agree(f"{path}: moving into place", error)
+    if error is not None:
+        raise error
+
+
+def spans_processes(value: Any) -> bool:
+    """Whether `value` is a jax array with shards on other processes."""
+    return isinstance(value, jax.Array) and not value.is_fully_addressable
+
+
+class Gathered(LazyArray):
+    """An array spanning processes, as a save's source leaf: read whole (on process 0,
+    by a writer of one file) by a gather every process takes part in, which process 0
+    announces by the array's number."""
+
+    def __init__(self, number: int, array: jax.Array) -> None:
+        self.number = number
+        self.array = array
+        self.shape = tuple(array.shape)
+        self.dtype = array.dtype
+
+    def read(self, index: Any = ...) -> np.ndarray:
+        _exchange(f"gather {self.number}")
+        return _gather(self.array)[index]
+
+
+def _gather(array: jax.Array) -> np.ndarray:
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
+_GATHERING: contextvars.ContextVar[list[jax.Array] | None] = contextvars.ContextVar(
+    "gathering", default=None
+)
+"""The arrays spanning processes of the save under way, numbered in source order, which
+is the same on every process."""
+
+
+@contextlib.contextmanager
+def gathering(collective: bool = True) -> Iterator[None]:
+    """Within the block (a save every process makes), `gathered` numbers the arrays that
+    span processes, so that process 0 can name the one to gather next."""
+    if not collective or processes() == 1:
+        yield
+        return
+    token = _GATHERING.set([])
+    try:
+        yield
+    finally:
+        _GATHERING.reset(token)
+
+
+def gathered(value: Any) -> Any:
+    """A source leaf's value for a save: within `gathering`, an array spanning processes
+    as a `Gathered` (layout rules wrap it as they wrap a file's tensor); else `value`."""
+    arrays = _GATHERING.get()
+    if arrays is None or not spans_processes(value):
+        return value
+    arrays.append(value)
+    return Gathered(len(arrays) - 1, value)
+
+
+def as_array(value: Any) -> Any:
+    """What a writer that saves shards where they are (Orbax) takes: the jax array of a
+    `Gathered` leaf, any other value unchanged."""
+    return value.array if isinstance(value, Gathered) else value
+
+
+def written_by_primary(write: Callable[[], T], result: T) -> T:
+    """`write()` on process 0; its reads of `Gathered` leaves (one at a time: process 0
+    holds one such array, not the model) are gathers the other processes serve. They
+    return `result` once process 0's writer has returned (its output in place), or
+    raise `PeerError` if it raised. With one process just `write()`."""
+    arrays = _GATHERING.get()
+    if arrays is None:
+        return write()
+    if is_primary():
+        try:
+            written = write()
+        except Exception as exc:
+            _exchange(f"failed {type(exc).__name__}: {exc}")
+            raise
+        _exchange("done")
+        return written
+    while True:
+        command = _exchange("")[0]
+        if command.startswith("gather "):
+            _gather(arrays[int(command.removeprefix("gather "))])
+        elif command == "done":
+            return result
+        else:
+            raise PeerError(f"process 0 failed to write the output: {command[7:]}")
