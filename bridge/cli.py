@@ -664,11 +664,16 @@ def convert(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace DST if it exists.")
     ] = False,
+    batch_size: Annotated[
+        str | None,
+        typer.Option("--batch-size", help="Bytes held at once converting a file: 64MB, 1GB."),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Convert SRC to format --to and write it at DST (atomically).
 
     File formats only: safetensors, orbax, msgpack, or torch with a .pt/.bin/.pth DST.
+    Between files the data streams in batches (default 256 MiB).
     """
     with _errors():
         source = _existing(src)
@@ -687,6 +692,8 @@ def convert(
         kwargs = _options(template, rules, modules, dtype, strict)
         if not torch_file:
             kwargs.update(path=dst, overwrite=overwrite)
+        if batch_size is not None:
+            kwargs["batch_bytes"] = batch_size
         result = bridge.convert(source, to=to, **kwargs)
         result, report = result if not strict else (result, Report())
         written = _save_torch(result, dst, overwrite) if torch_file else pathlib.Path(dst)

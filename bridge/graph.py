@@ -33,6 +33,9 @@ class Context:
     """The template read as a flat state, for edges whose transform depends on it."""
     source: str = ""
     """The source format's name, for writers that lay out a tree the way it was."""
+    streaming: bool = False
+    """A file is converted into a file: readers hand out lazy arrays and writers take them
+    batch by batch (`bridge.stream`), so memory holds a batch, not the model."""
 
     def satisfies(self) -> frozenset[str]:
         """The edge needs this call meets."""

@@ -37,7 +37,7 @@ import dataclasses
 import os
 import re
 import reprlib
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -45,6 +45,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from orbax.checkpoint.experimental.v1 import partial
 
 from bridge.atomic import atomic_output
 from bridge.errors import FormatError
@@ -56,6 +57,7 @@ from bridge.graph import (
     set_aside_training,
 )
 from bridge.progress import track
+from bridge.stream import Fetched, Fetcher, batch_bytes, batches, split
 from bridge.tree import (
     MESH,
     TRAINING_FIELDS,
@@ -593,35 +595,53 @@ def _restore_item(
     return {stored: value for stored, value in _flatten(restored) if stored in wanted}
 
 
-BATCH_BYTES = 256 * 2**20
-"""Arrays restored per Orbax call: Orbax stages every array of a call in host memory at
-once, so restoring in batches bounds the staging to a batch instead of the model."""
+class _Stored(Fetched):
+    """One array of the checkpoint, restored when its batch is fetched (or alone)."""
+
+    def __init__(self, entry: _Entry, fetcher: _Restorer) -> None:
+        self.entry = entry
+        self.fetcher = fetcher
+        self.shape = entry.leaf.shape
+        self.dtype = entry.leaf.dtype
 
 
-def _batches(entries: list[_Entry]) -> list[list[_Entry]]:
-    batches: list[list[_Entry]] = [[]]
-    size = 0
-    for entry in entries:
-        if batches[-1] and size + entry.leaf.nbytes > BATCH_BYTES:
-            batches.append([])
-            size = 0
-        batches[-1].append(entry)
-        size += entry.leaf.nbytes
-    return [batch for batch in batches if batch]
+@dataclasses.dataclass(frozen=True)
+class _Restorer(Fetcher):
+    """Restores arrays of one item, as numpy on the host, many per Orbax call."""
+
+    directory: Path
+    tree: Any
+
+    def fetch(self, arrays: list[_Stored]) -> list[np.ndarray]:  # type: ignore[override]
+        wanted = {array.entry.stored: _restore_args(array.entry, None) for array in arrays}
+        restored = _restore_item(self.directory, self.tree, wanted)
+        return [restored[array.entry.stored] for array in arrays]
 
 
 def read(obj: str | os.PathLike[str], ctx: Context) -> FlatState:
     """Restore the checkpoint's arrays (those `only=` selects): into the template's
-    shardings where it gives them, as numpy arrays on the host otherwise. Everything is
-    restored before anything is returned."""
+    shardings where it gives them, as numpy arrays on the host otherwise, in batches of
+    `batch_bytes` (Orbax stages every array of one call in host memory at once).
+    Everything is restored before anything is returned, unless streaming: then each leaf
+    is a lazy array restored with its batch when the writer gets to it."""
     scan = _scan(obj, ctx)
+    if ctx.streaming:
+        fetchers = {
+            item: _Restorer(directory, scan.trees[item])
+            for item, directory in scan.checkpoint.items.items()
+        }
+        return {
+            entry.path: entry.leaf.replace(value=_Stored(entry, fetchers[entry.item]))
+            for entry in scan.entries
+        }
     template = {match_key(path): leaf for path, leaf in (ctx.template_flat or {}).items()}
     values: dict[tuple[str, StoredPath], Any] = {}
     for item, directory in scan.checkpoint.items.items():
-        for batch in _batches([entry for entry in scan.entries if entry.item == item]):
+        mine = [(entry, entry.leaf) for entry in scan.entries if entry.item == item]
+        for batch in split(mine, batch_bytes(ctx)):
             wanted = {
                 entry.stored: _restore_args(entry, template.get(match_key(entry.path)))
-                for entry in batch
+                for entry, _ in batch
             }
             restored = _restore_item(directory, scan.trees[item], wanted)
             values.update({(item, stored): value for stored, value in restored.items()})
@@ -708,8 +728,9 @@ def _leaf_description(
 
 def _layout(
     flat: FlatState, ctx: Context, collection_first: bool
-) -> tuple[dict[StoredPath, Any], dict[str, Any]]:
-    """The arrays to save by key path, and the description of every leaf by array name."""
+) -> tuple[dict[TreePath, tuple[StoredPath, str]], dict[str, Any]]:
+    """Each leaf's key path in the saved tree and its dotted spelling, and the description
+    of every leaf by array name; no array data is read."""
     stored: list[tuple[StoredPath, tuple[Any, ...], str]] = []
     leaves: dict[str, Any] = {}
     meshes: list[str] = []
@@ -734,12 +755,17 @@ def _layout(
         ctx.report.notes.append(
             f"metadata not stored (not JSON-serialisable): {'; '.join(unstorable)}"
         )
-    names = dict(zip(flat, stored, strict=True))
-    arrays = {  # lazy sources (a file being converted) are read here, tensor by tensor
-        names[path][0]: _array(names[path][2], leaf.value)
-        for path, leaf in track(flat, ctx, "reading")
-    }
-    return arrays, leaves
+    return {path: (parts, key) for path, (parts, _, key) in zip(flat, stored, strict=True)}, leaves
+
+
+def _tree(
+    leaves: Iterable[tuple[TreePath, Leaf]], names: dict[TreePath, tuple[StoredPath, str]]
+) -> Any:
+    """The nested tree Orbax saves; lazy sources (a file being converted) are read here,
+    tensor by tensor."""
+    return unflatten_mapping(  # keys checked by _check_keys
+        {names[path][0]: _array(names[path][1], leaf.value) for path, leaf in leaves}
+    )
 
 
 def _bridge_version() -> str:
@@ -749,7 +775,9 @@ def _bridge_version() -> str:
 
 
 def write(flat: FlatState, ctx: Context) -> Path:
-    """Save to `ctx.options["path"]` with `ocp.StandardCheckpointer`, waiting until done.
+    """Save to `ctx.options["path"]`, waiting until done: with `ocp.StandardCheckpointer`,
+    or, converting a file (`ctx.streaming`), batch by batch with Orbax's partial save
+    (`ocp.v1` layout: the tree in `state/`), so that memory holds one batch.
 
     A checkpoint directory is one unit, as in Orbax: Orbax saves (into its own temporary,
     then renamed) inside bridge's temporary directory, which takes the place of `path`
@@ -761,19 +789,29 @@ def write(flat: FlatState, ctx: Context) -> Path:
         raise FormatError("writing an Orbax checkpoint needs path=... (a directory)")
     target = Path(os.fspath(ctx.options["path"]))
     collection_first = ctx.source in COLLECTION_FIRST_SOURCES
-    arrays, leaves = _layout(flat, ctx, collection_first)
-    description = {
-        "bridge_version": _bridge_version(),
-        "source": ctx.source,
-        "layout": "collection-first" if collection_first else "module-first",
-        "leaves": leaves,
+    names, leaves = _layout(flat, ctx, collection_first)
+    custom = {
+        DESCRIPTION_KEY: {
+            "bridge_version": _bridge_version(),
+            "source": ctx.source,
+            "layout": "collection-first" if collection_first else "module-first",
+            "leaves": leaves,
+        }
     }
-    tree = unflatten_mapping(arrays)  # keys checked by _check_keys
     overwrite = bool(ctx.options.get("overwrite"))
     with atomic_output(target, overwrite=overwrite, directory=True) as temp:  # absolute
         try:
-            with ocp.StandardCheckpointer() as checkpointer:
-                checkpointer.save(temp, tree, custom_metadata={DESCRIPTION_KEY: description})
+            if ctx.streaming:
+                for run in batches(flat, ctx, "converting"):
+                    partial.save(temp, _tree(run, names), custom_metadata=custom)
+                    custom = None  # merged into the checkpoint's by later saves
+                partial.finalize(temp)
+            else:
+                with ocp.StandardCheckpointer() as checkpointer:
+                    tree = _tree(track(flat, ctx, "reading"), names)
+                    checkpointer.save(temp, tree, custom_metadata=custom)
+        except FormatError:
+            raise
         except Exception as exc:  # Orbax's own errors: unsupported leaves, I/O, ...
             raise FormatError(f"{target}: Orbax could not save the checkpoint: {exc}") from exc
     return target.absolute()
