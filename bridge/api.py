@@ -233,7 +233,7 @@ def save(
 
     Saving a file or directory (safetensors, an HF directory, an Orbax checkpoint, a
     msgpack file) into another streams: leaves are read, laid out and written in batches
-    of `batch_bytes=` (default 256 MiB), so memory holds one batch, not the model.
+    of `batch_bytes=` (default 64 MiB), so memory holds one batch, not the model.
 
     An existing output is replaced only with `overwrite=True`, and only by one of its
     kind: a directory never becomes a file, nor a file a directory. A safetensors

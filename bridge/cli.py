@@ -673,7 +673,7 @@ def convert(
     """Convert SRC to format --to and write it at DST (atomically).
 
     File formats only: safetensors, orbax, msgpack, or torch with a .pt/.bin/.pth DST.
-    Between files the data streams in batches (default 256 MiB).
+    Between files the data streams in batches (default 64 MiB).
     """
     with _errors():
         source = _existing(src)
