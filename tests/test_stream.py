@@ -24,7 +24,7 @@ import safetensors.numpy
 import safetensors.torch
 import torch
 import transformers
-from flax import nnx, serialization
+from flax import nnx, serialization, traverse_util
 from orbax.checkpoint.experimental.v1 import partial
 
 import bridge
@@ -230,6 +230,24 @@ def test_orbax_to_files_streams_what_the_in_memory_path_writes(
         assert back.keys() == expected.keys()
         for key, value in expected.items():
             assert back[key].numpy().tobytes() == value.numpy().tobytes(), key
+
+
+def test_a_torch_file_streams_as_the_in_memory_path_writes(tmp_path, monkeypatch):
+    """A `.pt` file (memory-mapped by torch) into msgpack, in small batches."""
+    tensors = {key: torch.from_numpy(value) for key, value in many_tensors().items()}
+    source = tmp_path / "weights.pt"
+    torch.save(tensors, source)
+    streamed = bridge.save(
+        source, tmp_path / "streamed.msgpack", format="msgpack", batch_bytes=9000
+    )
+    memory = in_memory(
+        monkeypatch, lambda: bridge.save(source, tmp_path / "memory.msgpack", format="msgpack")
+    )
+    assert streamed.read_bytes() == memory.read_bytes()
+    written = traverse_util.flatten_dict(serialization.msgpack_restore(streamed.read_bytes()))
+    assert sorted(value.tobytes() for value in written.values()) == sorted(
+        tensor.numpy().tobytes() for tensor in tensors.values()
+    )
 
 
 # --- bounded memory ---------------------------------------------------------------------
