@@ -507,10 +507,12 @@ def read(obj: str | os.PathLike[str], ctx: Context) -> FlatState:
             item: _Restorer(directory, scan.trees[item])
             for item, directory in scan.checkpoint.items.items()
         }
-        return {
-            entry.path: entry.leaf.replace(value=_Stored(entry, fetchers[entry.item]))
-            for entry in scan.entries
-        }
+
+        def lazy(entry: _Entry) -> Any:  # PRNG keys now: typed jax arrays, small
+            stored = _Stored(entry, fetchers[entry.item])
+            return stored.fetcher.fetch([stored])[0] if entry.is_key else stored
+
+        return {entry.path: entry.leaf.replace(value=lazy(entry)) for entry in scan.entries}
     template = {match_key(path): leaf for path, leaf in (ctx.template_flat or {}).items()}
     values: dict[tuple[str, StoredPath], Any] = {}
     for item, directory in scan.checkpoint.items.items():
