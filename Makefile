@@ -56,12 +56,16 @@ test-hf4: $(HF4_VENV)/bin/.installed $(BIN)/.installed
 # Speed and memory against the common recipes and the floor (benchmarks/RESULTS.md).
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/bench_load.py --size-gb 1.0 --record
+	$(BIN)/python benchmarks/bench_files.py --size-gb 1.0 --record
 
 # A checkpoint of about 60% of this machine's memory, in 1 GB shards: a loader holding
-# two copies cannot load it. Not part of CI.
+# two copies cannot load it; it is converted to Orbax and back in batches. Not part of CI.
+LARGE_GB = $$($(BIN)/python -c "import os; print(round(0.6 * os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 1e9, 1))")
 bench-large: $(BIN)/.installed
 	$(BIN)/python benchmarks/bench_load.py --methods bridge --dtypes float32 --shard-gb 1 --repeat 1 \
-		--size-gb $$($(BIN)/python -c "import os; print(round(0.6 * os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 1e9, 1))")
+		--size-gb $(LARGE_GB)
+	$(BIN)/python benchmarks/bench_files.py --cases st_to_orbax orbax_to_st --shard-gb 1 --repeat 1 \
+		--size-gb $(LARGE_GB)
 
 # 1 process of 8 CPU devices against 2 of 4 (jax.distributed on localhost, gloo): wall
 # time, bytes read per process, save and load times (benchmarks/RESULTS.md).

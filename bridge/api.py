@@ -14,6 +14,7 @@ from bridge.errors import MismatchError
 from bridge.graph import GRAPH, Context, Edge, Format
 from bridge.mapping import Rule, apply_rules, match
 from bridge.report import Report
+from bridge.stream import batch_bytes, is_file_to_file
 from bridge.tree import FlatState, cast_floating, cast_target
 
 
@@ -57,12 +58,14 @@ def _run(
     src = source or GRAPH.detect(obj)
     ctx = Context(template, list(rules) if rules else None, strict, options)
     ctx.source = src
+    ctx.streaming = is_file_to_file(obj, options)
+    batch_bytes(ctx)  # a wrong size is refused before anything is read
     ctx.report.subject = f"{src}{_named(obj)} -> {to}"
     hops = GRAPH.route(src, to, ctx.satisfies())
     src_format, dst_format = GRAPH.format(src), GRAPH.format(to)
     template_format = None if template is None else GRAPH.format(GRAPH.detect(template))
     known = frozenset().union(
-        {"dtype", "casting", "progress"},
+        {"dtype", "casting", "progress", "batch_bytes"},
         src_format.options,
         *(GRAPH.format(e.dst).options for e in hops),
     )
@@ -242,6 +245,10 @@ def save(
     **options: Any,
 ) -> pathlib.Path:
     """Write `obj` to `path` in a file format (`"safetensors"`, ...), atomically.
+
+    Saving a file or directory (safetensors, an HF directory, an Orbax checkpoint, a
+    msgpack file) into another streams: leaves are read, laid out and written in batches
+    of `batch_bytes=` (default 64 MiB), so memory holds one batch, not the model.
 
     An existing output is replaced only with `overwrite=True`, and only by one of its
     kind: a directory never becomes a file, nor a file a directory. A safetensors

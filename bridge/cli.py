@@ -297,11 +297,16 @@ def convert(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace DST if it exists.")
     ] = False,
+    batch_size: Annotated[
+        str | None,
+        typer.Option("--batch-size", help="Bytes held at once converting a file: 64MB, 1GB."),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Convert SRC to format --to and write it at DST (atomically).
 
     File formats only: safetensors, orbax, msgpack, or torch with a .pt/.bin/.pth DST.
+    Between files the data streams in batches (default 64 MiB).
     """
     with command(as_json, src, output=dst):
         source = existing(src)
@@ -322,6 +327,8 @@ def convert(
         kwargs = convert_options(template, rules, modules, dtype, casting, strict)
         if not torch_file:
             kwargs.update(path=dst, overwrite=overwrite)
+        if batch_size is not None:
+            kwargs["batch_bytes"] = batch_size
         result = bridge.convert(source, to=to, **kwargs)
         result, report = result if not strict else (result, Report())
         written = _save_torch(result, dst, overwrite) if torch_file else pathlib.Path(dst)

@@ -38,6 +38,9 @@ class Context:
     differs from how it holds them; None: as it holds them."""
     companions: dict[str, bytes] = dataclasses.field(default_factory=dict)
     """Files a directory output gets beside the weights (`config.json`), by name."""
+    streaming: bool = False
+    """A file is converted into a file: readers hand out lazy arrays and writers take them
+    batch by batch (`bridge.stream`), so memory holds a batch, not the model."""
 
     def satisfies(self) -> frozenset[str]:
         """The edge needs this call meets."""

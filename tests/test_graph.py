@@ -167,7 +167,7 @@ def test_progress_bar_counts_bytes_and_is_off_when_not_a_terminal(capsys):
     ("format", "name", "verb"),
     [
         ("safetensors", "m.safetensors", "saving"),
-        ("msgpack", "m.msgpack", "reading"),
+        ("msgpack", "m.msgpack", "saving"),
         ("orbax", "ckpt", "reading"),
     ],
 )

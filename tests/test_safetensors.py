@@ -27,6 +27,7 @@ from huggingface_hub.serialization._base import parse_size_to_int
 import bridge
 from bridge.errors import FormatError, OutputExistsError
 from bridge.graph import GRAPH, Context
+from bridge.stream import parse_size
 from bridge.tree import LazyArray, Leaf, dotted, parse_dotted
 
 if "torch" not in GRAPH.formats:  # the edges to torch need the torch format registered
@@ -236,7 +237,7 @@ def test_shards_are_laid_out_as_huggingface_hub_lays_them_out(tmp_path, limit):
     sizes = [4_000, 4_000, 2_500, 12_000, 100, 3_000, 8_000]  # one is larger than most limits
     arrays = {f"t.{i}": np.zeros(size // 4, np.float32) for i, size in enumerate(sizes)}
     if isinstance(limit, str):
-        assert st.parse_size(limit) == parse_size_to_int(limit)
+        assert parse_size(limit, "max_shard_size") == parse_size_to_int(limit)
     reference = split_state_dict_into_shards_factory(
         arrays,
         get_storage_size=lambda array: array.nbytes,

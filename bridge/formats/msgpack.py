@@ -22,14 +22,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path as FilePath
-from typing import Any
+from typing import Any, BinaryIO
 
 import msgpack
 import numpy as np
-from flax import serialization
+from flax import serialization, traverse_util
 
 from bridge import multihost
 from bridge.atomic import atomic_output
@@ -41,7 +42,7 @@ from bridge.graph import (
     register_format,
     set_aside_training,
 )
-from bridge.progress import track
+from bridge.stream import items
 from bridge.tree import (
     FlatState,
     Leaf,
@@ -61,6 +62,13 @@ MAP_MARKERS = frozenset(range(0x80, 0x90)) | {0xDE, 0xDF}
 """First byte of a msgpack map (fixmap, map 16, map 32): Flax writes a state dict."""
 NATIVE = (bool, int, float, complex, str, bytes)
 """Python values msgpack stores as themselves (a TrainState's `step` is a Python int)."""
+NDARRAY = 1
+"""Flax's msgpack extension code for an ndarray (`serialization._MsgpackExtType.ndarray`)."""
+FIXEXT = {1: 0xD4, 2: 0xD5, 4: 0xD6, 8: 0xD7, 16: 0xD8}
+"""msgpack's fixed-length extension codes, by payload length."""
+CHUNKED = "__msgpack_chunked_array__"
+"""The marker key of an array Flax wrote in chunks."""
+_PACKER = msgpack.Packer()
 MAX_DEPTH = 128
 """The deepest nesting read: far beyond any model's, far below what would exhaust
 Python's recursion (msgpack itself decodes maps nested 1000 deep)."""
@@ -248,20 +256,76 @@ def _key(path: Path, leaf: Leaf) -> tuple[str, ...]:
     return tuple(str(part) for part in path)
 
 
-def _serialize(flat: FlatState, ctx: Context) -> bytes:
+def _header(fixed: dict[int, int], sized: tuple[int, int, int], length: int) -> bytes:
+    """A msgpack bin / ext header for `length` bytes: a fixed-size code where the length
+    has one, else the 8-, 16- or 32-bit length form, as msgpack's packer picks."""
+    if length in fixed:
+        return bytes([fixed[length]])
+    for code, width in zip(sized, (1, 2, 4), strict=True):
+        if length < 256**width:
+            return bytes([code]) + length.to_bytes(width, "big")
+    raise FormatError(f"{length} bytes exceed what one msgpack value holds (4 GiB)")
+
+
+def _write_array(out: BinaryIO, array: np.ndarray) -> None:
+    """`array` as Flax's ndarray extension, its data written from where it lies: the
+    bytes of `packb(ExtType(1, packb((shape, dtype name, data))))` without the copies."""
+    data = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+    fields = b"\x93" + msgpack.packb(array.shape) + msgpack.packb(array.dtype.name)
+    fields += _header({}, (0xC4, 0xC5, 0xC6), data.size)
+    size = len(fields) + data.size
+    out.write(_header(FIXEXT, (0xC7, 0xC8, 0xC9), size) + bytes([NDARRAY]) + fields)
+    out.write(data)
+
+
+def _write_value(out: BinaryIO, value: Any) -> None:
+    """One leaf as `msgpack_serialize` writes it: an array over Flax's `MAX_CHUNK_SIZE`
+    as its chunked form, read at write time as Flax does."""
+    if not isinstance(value, np.ndarray):
+        out.write(serialization.msgpack_serialize(value))
+        return
+    if value.size * value.dtype.itemsize <= serialization.MAX_CHUNK_SIZE:
+        _write_array(out, value)
+        return
+    step = max(1, int(serialization.MAX_CHUNK_SIZE / value.dtype.itemsize))
+    chunks = range(0, value.size, step)
+    out.write(_PACKER.pack_map_header(3) + msgpack.packb(CHUNKED) + msgpack.packb(True))
+    out.write(msgpack.packb("shape"))
+    out.write(msgpack.packb({str(axis): size for axis, size in enumerate(value.shape)}))
+    out.write(msgpack.packb("chunks") + _PACKER.pack_map_header(len(chunks)))
+    for number, start in enumerate(chunks):
+        out.write(msgpack.packb(str(number)))
+        _write_array(out, value.reshape(-1)[start : start + step])
+
+
+def _dump(flat: FlatState, ctx: Context, out: BinaryIO) -> None:
+    """The bytes `msgpack_serialize` makes of the nested tree, written as a stream: one
+    leaf in memory at a time, read in the tree's order, batch by batch."""
     keys = {path: _key(path, leaf) for path, leaf in flat.items()}
     if () in keys.values():
         raise FormatError("a leaf with an empty path has no key in a msgpack map")
     check_nestable(keys.values(), ctx.report.subject or "msgpack", sep="/")
-    values = {  # lazy sources are read here
-        keys[path]: _value("/".join(keys[path]), leaf) for path, leaf in track(flat, ctx, "reading")
-    }
+    tree = unflatten_mapping({key: path for path, key in keys.items()})
+    order = traverse_util.flatten_dict(tree).values()
+    leaves = items({path: flat[path] for path in order}, ctx, "saving")
+
+    def write(node: Any) -> None:
+        if isinstance(node, dict):
+            out.write(_PACKER.pack_map_header(len(node)))
+            for key, child in node.items():
+                out.write(msgpack.packb(key))
+                write(child)
+        else:
+            path, leaf = next(leaves)
+            _write_value(out, _value("/".join(keys[path]), leaf))
+
+    write(tree)
+    next(leaves, None)  # the end of the stream: its bar completes
     if with_metadata := sum(bool(leaf.metadata) for leaf in flat.values()):
         ctx.report.notes.append(
             f"{with_metadata} leaves written without their Variable metadata (partitioning, "
             "...): Flax msgpack holds arrays only"
         )
-    return serialization.msgpack_serialize(unflatten_mapping(values), in_place=True)
 
 
 def write(flat: FlatState, ctx: Context) -> bytes | FilePath:
@@ -270,12 +334,15 @@ def write(flat: FlatState, ctx: Context) -> bytes | FilePath:
     process 0 writes the file, gathering the arrays that span processes; the bytes are
     made in memory whole, as with one process."""
     if ctx.options.get("path") is None:
-        return _serialize(flat, ctx)
+        buffer = io.BytesIO()
+        _dump(flat, ctx, buffer)
+        return buffer.getvalue()
     target = FilePath(os.fspath(ctx.options["path"]))
+    overwrite = bool(ctx.options.get("overwrite"))
 
     def save() -> FilePath:
-        with atomic_output(target, overwrite=bool(ctx.options.get("overwrite"))) as temp:
-            temp.write_bytes(_serialize(flat, ctx))
+        with atomic_output(target, overwrite=overwrite) as temp, open(temp, "wb") as out:
+            _dump(flat, ctx, out)
         return target
 
     return multihost.written_by_primary(save, target)

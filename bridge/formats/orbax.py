@@ -10,14 +10,14 @@ or per-array zarr directories):
 - a `CheckpointManager` root: numeric step directories (`<step>` or `<prefix>_<step>`),
   each a checkpoint as above; `step=` picks one, the latest finished one by default.
 
-Orbax saves into `<name>.orbax-checkpoint-tmp-*` and renames when done: such a directory
-is an unfinished save and is refused. Detection looks for these markers itself: Orbax's
-`is_orbax_checkpoint` also says yes to an empty directory.
+An unfinished save (`<name>.orbax-checkpoint-tmp-*`) is refused; `orbax_locate` finds
+the checkpoint.
 
-Both directions use Orbax's stable top-level API (`PyTreeCheckpointHandler` to read,
-`StandardCheckpointer` to write, as Flax's NNX checkpointing guide does). The v1 API
-still lives in `orbax.checkpoint.experimental` ("subject to change without notice"), and
-a v0 checkpoint is read by v0 code and by `ocp.v1.load` alike.
+Reading uses Orbax's stable top-level API (`PyTreeCheckpointHandler`), writing from
+memory too (`StandardCheckpointer`, as Flax's NNX checkpointing guide does). Converting
+a file into a checkpoint in batches needs Orbax's partial save, which only the v1 API
+has (`orbax.checkpoint.experimental.v1.partial`, "subject to change without notice"):
+that checkpoint has the v1 layout, read by v0 code (its `state/` item) and v1 alike.
 
 Orbax stores dict keys as strings and names arrays by joining keys with ".", so int keys
 come back as digit strings, and `{"a.b": x, "a": {"b": y}}` silently restores one of the
@@ -37,17 +37,20 @@ import dataclasses
 import os
 import re
 import reprlib
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import orbax.checkpoint.experimental.v1 as ocp_v1
 from etils import epath
+from orbax.checkpoint.experimental.v1 import partial
 
 from bridge import multihost
 from bridge.errors import FormatError
+from bridge.formats.orbax_locate import STEP_METADATA, Checkpoint, detect, locate
 from bridge.graph import (
     Context,
     drop_transient,
@@ -56,6 +59,7 @@ from bridge.graph import (
     set_aside_training,
 )
 from bridge.progress import track
+from bridge.stream import Fetched, Fetcher, batch_bytes, batches, split
 from bridge.tree import (
     MESH,
     TRAINING_FIELDS,
@@ -76,12 +80,6 @@ from bridge.tree import Path as TreePath
 
 DESCRIPTION_KEY = "bridge"
 """The key of bridge's description in the checkpoint's custom metadata."""
-TMP_SUFFIX = ".orbax-checkpoint-tmp"
-"""What Orbax appends to a checkpoint's name while saving it (its `TMP_DIR_SUFFIX`)."""
-STEP_METADATA = "_CHECKPOINT_METADATA"
-TREE_FILES = ("_METADATA", "manifest.ocdbt")
-STEP_NAME = re.compile(r"(?:.+_)?(\d+)")
-"""Step directory names a CheckpointManager writes: `12`, `step_12`, `checkpoint_00012`."""
 COLLECTION_FIRST_SOURCES = frozenset({"linen", "msgpack"})
 """Sources whose users save `{collection: {...}}` trees; every other source is saved
 module-first, the way NNX users save `nnx.state(model)`."""
@@ -97,15 +95,6 @@ JSON holds a jax Mesh)."""
 
 Key = str | int
 StoredPath = tuple[Key, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class _Checkpoint:
-    """One checkpoint: the directory holding its step metadata, and its PyTree items by
-    name ("" for the only one)."""
-
-    directory: Path
-    items: dict[str, Path]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,126 +122,16 @@ class _Entry:
 class _Scan:
     """What the metadata says, before any array data is read."""
 
-    checkpoint: _Checkpoint
+    checkpoint: Checkpoint
     trees: dict[str, Any]
     """Orbax's metadata tree of each item."""
     entries: list[_Entry]
 
 
-# --- finding the checkpoint -------------------------------------------------------------
-
-
-def _is_unfinished(path: Path) -> bool:
-    return TMP_SUFFIX in path.name
-
-
-def _is_tree(path: Path) -> bool:
-    """An Orbax PyTree item: tree metadata, an OCDBT store, or per-array zarr directories."""
-    if not path.is_dir() or _is_unfinished(path):
-        return False
-    if any((path / name).exists() for name in TREE_FILES):
-        return True
-    return any(
-        child.name.startswith("ocdbt.process_")
-        or (child / ".zarray").is_file()
-        or (child / "zarr.json").is_file()
-        for child in path.iterdir()
-        if child.is_dir()
-    )
-
-
-def _checkpoint_in(path: Path) -> _Checkpoint | None:
-    """The checkpoint at `path` itself (not a manager root), if any."""
-    if _is_tree(path):
-        return _Checkpoint(path, {"": path})
-    items = {child.name: child for child in sorted(path.iterdir()) if _is_tree(child)}
-    if len(items) == 1:
-        return _Checkpoint(path, {"": next(iter(items.values()))})
-    if items:
-        return _Checkpoint(path, items)
-    if (path / STEP_METADATA).is_file():
-        names = sorted(child.name for child in path.iterdir() if child.is_dir())
-        raise FormatError(
-            f"{path}: an Orbax checkpoint without a PyTree item (its items: {names or 'none'}); "
-            "bridge reads PyTrees of arrays"
-        )
-    return None
-
-
-def _steps(root: Path) -> tuple[dict[int, Path], list[str]]:
-    """A manager root's finished steps, and the names of its unfinished step directories."""
-    finished: dict[int, Path] = {}
-    unfinished: list[str] = []
-    for child in sorted(root.iterdir()):
-        if not child.is_dir():
-            continue
-        if _is_unfinished(child):
-            if STEP_NAME.fullmatch(child.name.split(TMP_SUFFIX)[0]):
-                unfinished.append(child.name)
-            continue
-        number = STEP_NAME.fullmatch(child.name)
-        if number and (
-            (child / STEP_METADATA).is_file()
-            or _is_tree(child)
-            or any(_is_tree(item) for item in child.iterdir())
-        ):
-            finished[int(number.group(1))] = child
-    return finished, unfinished
-
-
-def _unfinished(path: Path) -> FormatError:
-    return FormatError(
-        f"{path}: an unfinished save (Orbax writes into '*{TMP_SUFFIX}*' and renames it when "
-        "done): the save is still running or was interrupted; load a finished checkpoint"
-    )
-
-
-def _locate(path: Path, step: Any) -> _Checkpoint:
-    if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
-        raise FormatError(f"step={step!r}: expected an int, the number of a saved step")
-    if _is_unfinished(path):
-        raise _unfinished(path)
-    if not path.is_dir():
-        raise FormatError(
-            f"{path}: {'not a directory' if path.exists() else 'no such directory'}; "
-            "an Orbax checkpoint is a directory"
-        )
-    checkpoint = _checkpoint_in(path)
-    if checkpoint is not None:
-        if step is not None:
-            raise FormatError(
-                f"{path}: step={step} picks a step of a CheckpointManager root, but this is "
-                "a single checkpoint"
-            )
-        return checkpoint
-    finished, unfinished = _steps(path)
-    if not finished:
-        if unfinished:
-            raise FormatError(
-                f"{path}: a CheckpointManager root whose only steps are unfinished saves "
-                f"({', '.join(unfinished)}); the save is still running or was interrupted"
-            )
-        raise FormatError(
-            f"{path}: not an Orbax checkpoint: no {' or '.join(TREE_FILES)}, no item directory "
-            "holding one, no step directory"
-        )
-    chosen = max(finished) if step is None else step
-    if chosen not in finished:
-        pending = f"; unfinished: {', '.join(unfinished)}" if unfinished else ""
-        raise FormatError(
-            f"{path}: no finished step {step}; the CheckpointManager root has steps "
-            f"{sorted(finished)}{pending}"
-        )
-    found = _checkpoint_in(finished[chosen])
-    if found is None:
-        raise FormatError(f"{finished[chosen]}: step {chosen} holds no Orbax PyTree item")
-    return found
-
-
 # --- reading metadata -------------------------------------------------------------------
 
 
-def _description(checkpoint: _Checkpoint) -> dict[str, Any] | None:
+def _description(checkpoint: Checkpoint) -> dict[str, Any] | None:
     """bridge's description from the checkpoint's custom metadata, if bridge wrote it."""
     if set(checkpoint.items) != {""} or not (checkpoint.directory / STEP_METADATA).is_file():
         return None
@@ -485,7 +364,7 @@ def _selector(only: Any, entries: list[_Entry]) -> Callable[[_Entry], bool]:
 
 def _scan(obj: Any, ctx: Context) -> _Scan:
     """Locate the checkpoint and read its metadata: keys, shapes, dtypes, description."""
-    checkpoint = _locate(Path(os.fspath(obj)).absolute(), ctx.options.get("step"))
+    checkpoint = locate(Path(os.fspath(obj)).absolute(), ctx.options.get("step"))
     trees = {item: _tree_metadata(directory) for item, directory in checkpoint.items.items()}
     where = checkpoint.directory
     entries, empty, not_arrays = _entries(trees, _description(checkpoint), ctx, where)
@@ -594,35 +473,55 @@ def _restore_item(
     return {stored: value for stored, value in _flatten(restored) if stored in wanted}
 
 
-BATCH_BYTES = 256 * 2**20
-"""Arrays restored per Orbax call: Orbax stages every array of a call in host memory at
-once, so restoring in batches bounds the staging to a batch instead of the model."""
+class _Stored(Fetched):
+    """One array of the checkpoint, restored when its batch is fetched (or alone)."""
+
+    def __init__(self, entry: _Entry, fetcher: _Restorer) -> None:
+        self.entry = entry
+        self.fetcher = fetcher
+        self.shape = entry.leaf.shape
+        self.dtype = entry.leaf.dtype
 
 
-def _batches(entries: list[_Entry]) -> list[list[_Entry]]:
-    batches: list[list[_Entry]] = [[]]
-    size = 0
-    for entry in entries:
-        if batches[-1] and size + entry.leaf.nbytes > BATCH_BYTES:
-            batches.append([])
-            size = 0
-        batches[-1].append(entry)
-        size += entry.leaf.nbytes
-    return [batch for batch in batches if batch]
+@dataclasses.dataclass(frozen=True)
+class _Restorer(Fetcher):
+    """Restores arrays of one item, as numpy on the host, many per Orbax call."""
+
+    directory: Path
+    tree: Any
+
+    def fetch(self, arrays: list[_Stored]) -> list[np.ndarray]:  # type: ignore[override]
+        wanted = {array.entry.stored: _restore_args(array.entry, None) for array in arrays}
+        restored = _restore_item(self.directory, self.tree, wanted)
+        return [restored[array.entry.stored] for array in arrays]
 
 
 def read(obj: str | os.PathLike[str], ctx: Context) -> FlatState:
     """Restore the checkpoint's arrays (those `only=` selects): into the template's
-    shardings where it gives them, as numpy arrays on the host otherwise. Everything is
-    restored before anything is returned."""
+    shardings where it gives them, as numpy arrays on the host otherwise, in batches of
+    `batch_bytes` (Orbax stages every array of one call in host memory at once).
+    Everything is restored before anything is returned, unless streaming: then each leaf
+    is a lazy array restored with its batch when the writer gets to it."""
     scan = _scan(obj, ctx)
+    if ctx.streaming:
+        fetchers = {
+            item: _Restorer(directory, scan.trees[item])
+            for item, directory in scan.checkpoint.items.items()
+        }
+
+        def lazy(entry: _Entry) -> Any:  # PRNG keys now: typed jax arrays, small
+            stored = _Stored(entry, fetchers[entry.item])
+            return stored.fetcher.fetch([stored])[0] if entry.is_key else stored
+
+        return {entry.path: entry.leaf.replace(value=lazy(entry)) for entry in scan.entries}
     template = {match_key(path): leaf for path, leaf in (ctx.template_flat or {}).items()}
     values: dict[tuple[str, StoredPath], Any] = {}
     for item, directory in scan.checkpoint.items.items():
-        for batch in _batches([entry for entry in scan.entries if entry.item == item]):
+        mine = [(entry, entry.leaf) for entry in scan.entries if entry.item == item]
+        for batch in split(mine, batch_bytes(ctx)):
             wanted = {
                 entry.stored: _restore_args(entry, template.get(match_key(entry.path)))
-                for entry in batch
+                for entry, _ in batch
             }
             restored = _restore_item(directory, scan.trees[item], wanted)
             values.update({(item, stored): value for stored, value in restored.items()})
@@ -710,8 +609,9 @@ def _leaf_description(
 
 def _layout(
     flat: FlatState, ctx: Context, collection_first: bool
-) -> tuple[dict[StoredPath, Any], dict[str, Any]]:
-    """The arrays to save by key path, and the description of every leaf by array name."""
+) -> tuple[dict[TreePath, tuple[StoredPath, str]], dict[str, Any]]:
+    """Each leaf's key path in the saved tree and its dotted spelling, and the description
+    of every leaf by array name; no array data is read."""
     stored: list[tuple[StoredPath, tuple[Any, ...], str]] = []
     leaves: dict[str, Any] = {}
     meshes: list[str] = []
@@ -736,12 +636,25 @@ def _layout(
         ctx.report.notes.append(
             f"metadata not stored (not JSON-serialisable): {'; '.join(unstorable)}"
         )
-    names = dict(zip(flat, stored, strict=True))
-    arrays = {  # lazy sources (a file being converted) are read here, tensor by tensor
-        names[path][0]: _array(names[path][2], leaf.value)
-        for path, leaf in track(flat, ctx, "reading")
-    }
-    return arrays, leaves
+    return {path: (parts, key) for path, (parts, _, key) in zip(flat, stored, strict=True)}, leaves
+
+
+def _tree(
+    leaves: Iterable[tuple[TreePath, Leaf]], names: dict[TreePath, tuple[StoredPath, str]]
+) -> Any:
+    """The nested tree Orbax saves; lazy sources (a file being converted) are read here,
+    tensor by tensor."""
+    return unflatten_mapping(  # keys checked by _check_keys
+        {names[path][0]: _array(names[path][1], leaf.value) for path, leaf in leaves}
+    )
+
+
+def _partial_save_context() -> ocp_v1.Context:
+    """Orbax v1 options for partial saves: arrays stored as `StandardCheckpointer` stores
+    them (zarr v2; v1's zarr v3 default compresses about twice as slowly)."""
+    context = ocp_v1.Context()
+    context.array.saving.use_zarr3 = False
+    return context
 
 
 def _bridge_version() -> str:
@@ -751,7 +664,9 @@ def _bridge_version() -> str:
 
 
 def write(flat: FlatState, ctx: Context) -> Path:
-    """Save to `ctx.options["path"]` with `ocp.StandardCheckpointer`, waiting until done.
+    """Save to `ctx.options["path"]`, waiting until done: with `ocp.StandardCheckpointer`,
+    or, converting a file (`ctx.streaming`), batch by batch with Orbax's partial save
+    (`ocp.v1` layout: the tree in `state/`), so that memory holds one batch.
 
     A checkpoint directory is one unit, as in Orbax: Orbax saves (into its own temporary,
     then renamed) inside bridge's temporary directory, which takes the place of `path`
@@ -766,44 +681,36 @@ def write(flat: FlatState, ctx: Context) -> Path:
     target = Path(os.fspath(ctx.options["path"]))
     collection_first = ctx.source in COLLECTION_FIRST_SOURCES
     with multihost.together(f"{target}: laying out the Orbax tree"):
-        arrays, leaves = _layout(flat, ctx, collection_first)
-    description = {
-        "bridge_version": _bridge_version(),
-        "source": ctx.source,
-        "layout": "collection-first" if collection_first else "module-first",
-        "leaves": leaves,
+        names, leaves = _layout(flat, ctx, collection_first)
+    custom = {
+        DESCRIPTION_KEY: {
+            "bridge_version": _bridge_version(),
+            "source": ctx.source,
+            "layout": "collection-first" if collection_first else "module-first",
+            "leaves": leaves,
+        }
     }
-    tree = unflatten_mapping(arrays)  # keys checked by _check_keys
     overwrite = bool(ctx.options.get("overwrite"))
     with multihost.shared_output(target, overwrite=overwrite, directory=True) as temp:
         try:
-            with ocp.StandardCheckpointer() as checkpointer:
-                checkpointer.save(temp, tree, custom_metadata={DESCRIPTION_KEY: description})
+            if ctx.streaming:
+                with _partial_save_context():
+                    for run in batches(flat, ctx, "converting"):
+                        partial.save(temp, _tree(run, names), custom_metadata=custom)
+                        custom = None  # merged into the checkpoint's by later saves
+                    partial.finalize(temp)
+            else:
+                with ocp.StandardCheckpointer() as checkpointer:
+                    tree = _tree(track(flat, ctx, "reading"), names)
+                    checkpointer.save(temp, tree, custom_metadata=custom)
+        except FormatError:
+            raise
         except Exception as exc:  # Orbax's own errors: unsupported leaves, I/O, ...
             raise FormatError(f"{target}: Orbax could not save the checkpoint: {exc}") from exc
     return target.absolute()
 
 
 # --- detection and registration ---------------------------------------------------------
-
-
-def detect(obj: Any) -> float:
-    """Sure for a directory with Orbax's markers (a checkpoint, an item inside one, a
-    manager root with step directories, an unfinished save); never raises."""
-    if not isinstance(obj, str | os.PathLike):
-        return 0.0
-    try:
-        path = Path(os.fspath(obj))
-        if not path.is_dir():
-            return 0.0
-        if _is_unfinished(path) or (path / STEP_METADATA).is_file():
-            return 1.0
-        if _checkpoint_in(path) is not None:
-            return 1.0
-        finished, unfinished = _steps(path)
-        return 1.0 if finished or unfinished else 0.0
-    except (OSError, TypeError, ValueError):  # FormatError is a ValueError
-        return 0.0
 
 
 register_format(

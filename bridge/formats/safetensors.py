@@ -21,7 +21,7 @@ import os
 import re
 import reprlib
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from bridge import multihost
 from bridge.atomic import Temporary, atomic_output, fsync, make_directory, move, output_of, sweep
 from bridge.errors import FormatError, OutputExistsError
 from bridge.graph import Context, register_conversion, register_format
-from bridge.progress import track
+from bridge.stream import items, parse_size
 from bridge.tree import FlatState, LazyArray, Leaf, as_numpy, dotted, parse_dotted
 
 SINGLE_FILE = "model.safetensors"
@@ -75,7 +75,6 @@ the order of the library's `Dtype` enum, by which it sorts a file's tensors."""
 _CODES = {dtype: code for code, dtype in DTYPES.items()}
 _RANKS = {code: rank for rank, code in enumerate(DTYPES)}
 
-SIZE_UNITS = {"TB": 10**12, "GB": 10**9, "MB": 10**6, "KB": 10**3}
 """`max_shard_size` units, decimal as `huggingface_hub` spells them."""
 
 
@@ -362,24 +361,6 @@ def read(obj: str | os.PathLike[str], ctx: Context) -> FlatState:
     return {parse_dotted(key): Leaf(array) for key, array in tensors.items()}
 
 
-def parse_size(size: int | str) -> int:
-    """`max_shard_size` in bytes: an int, or `"5GB"`, `"500MB"`, `"10KB"` (decimal units,
-    as `huggingface_hub` parses them); a finite positive number of bytes."""
-    count: float = 0
-    if isinstance(size, int) and not isinstance(size, bool):
-        count = size
-    elif isinstance(size, str) and size.strip()[-2:].upper() in SIZE_UNITS:
-        text = size.strip()
-        with contextlib.suppress(ValueError):
-            count = float(text[:-2]) * SIZE_UNITS[text[-2:].upper()]
-    if not 1 <= count < math.inf:  # NaN, 'infGB' and '1e400GB' too
-        raise FormatError(
-            f"max_shard_size={size!r}: expected a positive number of bytes, or a string such "
-            f"as '5GB' with unit {', '.join(SIZE_UNITS)}"
-        )
-    return int(count)
-
-
 def _code_of(dtype: Any) -> str | None:
     """The safetensors code of a dtype, whatever its byte order; None if it has none."""
     try:
@@ -452,15 +433,25 @@ def _header(leaves: Mapping[str, Leaf]) -> tuple[bytes, list[str]]:
     return struct.pack("<Q", len(encoded)) + encoded, order
 
 
-def _save(file: Path, leaves: Mapping[str, Leaf], ctx: Context) -> None:
-    """One file, one tensor in memory at a time: the header first (shapes and dtypes are
-    known without the data), then each tensor's bytes in header order."""
-    header, order = _header(leaves)
-    keyed = {(key,): leaves[key] for key in order}
-    with open(file, "wb") as out:
-        out.write(header)
-        for (key,), leaf in track(keyed, ctx, "saving"):
-            out.write(_little_endian(key, leaf).reshape(-1).view(np.uint8))
+def _saver(shards: Mapping[str, Mapping[str, Leaf]], ctx: Context) -> Callable[[str, Path], None]:
+    """`save(name, file)` writes shard `name` into `file`, one tensor in memory at a time:
+    the header first (shapes and dtypes are known without the data), then each tensor's
+    bytes in header order. The shards are read as one stream, in batches, under one bar."""
+    headers = {name: _header(leaves) for name, leaves in shards.items()}
+    keyed = {(key,): shards[name][key] for name, (_, order) in headers.items() for key in order}
+    tensors = items(keyed, ctx, "saving")
+
+    def save(name: str, file: Path) -> None:
+        header, order = headers.pop(name)
+        with open(file, "wb") as out:
+            out.write(header)
+            for _ in order:
+                (key,), leaf = next(tensors)
+                out.write(_little_endian(key, leaf).reshape(-1).view(np.uint8))
+        if not headers:
+            next(tensors, None)  # the end of the stream: its bar completes
+
+    return save
 
 
 def shard_layout(sizes: Mapping[str, int], max_shard_size: float) -> dict[str, list[str]]:
@@ -516,14 +507,14 @@ def _write(flat: FlatState, ctx: Context, target: Path) -> Path:
                 f"{target}: max_shard_size shards into a directory; give a directory path"
             )
         with atomic_output(target, overwrite=overwrite) as temp:
-            _save(temp, leaves, ctx)
+            _saver({SINGLE_FILE: leaves}, ctx)(SINGLE_FILE, temp)
         if ctx.companions:
             companions = ", ".join(ctx.companions)
             ctx.report.notes.append(f"{target}: one file; {companions} go only into a directory")
         return target
 
     sizes = {key: leaf.nbytes for key, leaf in leaves.items()}
-    limit = math.inf if max_shard_size is None else parse_size(max_shard_size)
+    limit = math.inf if max_shard_size is None else parse_size(max_shard_size, "max_shard_size")
     layout = shard_layout(sizes, limit)
     if os.path.lexists(target):
         sweep(target.parent, lambda output: output == target.name)  # of a new directory's save
@@ -584,10 +575,11 @@ def _write_directory(
     sweep(directory, _is_weight_file, keep=loaded)
     weight_map = {key: name for name, keys in layout.items() for key in keys}
     total = sum(leaves[key].nbytes for key in weight_map)
+    save = _saver({name: {key: leaves[key] for key in keys} for name, keys in layout.items()}, ctx)
     with contextlib.ExitStack() as stack:
         temps = {name: stack.enter_context(Temporary(directory, name)) for name in layout}
-        for name, keys in layout.items():
-            _save(temps[name].path, {key: leaves[key] for key in keys}, ctx)
+        for name in layout:
+            save(name, temps[name].path)
             fsync(temps[name].path)
         if len(layout) == 1:
             move(temps[SINGLE_FILE].path, directory / SINGLE_FILE, replace=overwrite)
