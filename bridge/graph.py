@@ -33,6 +33,9 @@ class Context:
     """The template read as a flat state, for edges whose transform depends on it."""
     source: str = ""
     """The source format's name, for writers that lay out a tree the way it was."""
+    walks: dict[int, Any] = dataclasses.field(default_factory=dict)
+    """What an adapter learned walking an object of this call (by `id`), for its writer
+    to reuse: walking a 50,000-leaf NNX graph twice costs as much as the conversion."""
 
     def satisfies(self) -> frozenset[str]:
         """The edge needs this call meets."""

@@ -70,9 +70,10 @@ def read_module(model: nnx.Pytree, ctx: Context) -> FlatState:
         for path, node in nnx.iter_graph(model)
         if isinstance(node, nnx.Module)
     }
+    ctx.walks[id(model)] = split = nnx.split(model)
     return {
         path: leaf.replace(module=families.get(path[:-1]))
-        for path, leaf in read_state(nnx.state(model), ctx).items()
+        for path, leaf in read_state(split[1], ctx).items()
     }
 
 
@@ -114,9 +115,13 @@ def _fresh_rng(leaf: Leaf, index: int, seed: int) -> Any:
 
 
 def write_state(flat: FlatState, ctx: Context) -> nnx.State:
+    return _filled(flat, ctx, _template_variables(ctx.template))
+
+
+def _filled(flat: FlatState, ctx: Context, like: dict[Path, nnx.Variable]) -> nnx.State:
+    """The state of `flat`, each leaf in its template Variable (`like`) where it has one."""
     subject = ctx.report.subject or "nnx_state"
     check_nestable(flat, subject)
-    like = _template_variables(ctx.template)
     seed = ctx.options.get("rng_seed", 0)
     variables = []
     on_host = []
@@ -140,8 +145,8 @@ def write_state(flat: FlatState, ctx: Context) -> nnx.State:
 
 
 def write_module(flat: FlatState, ctx: Context) -> nnx.Pytree:
-    graphdef, _ = nnx.split(ctx.template)
-    return nnx.merge(graphdef, write_state(flat, ctx))
+    graphdef, state = ctx.walks.get(id(ctx.template)) or nnx.split(ctx.template)
+    return nnx.merge(graphdef, _filled(flat, ctx, _template_variables(state)))
 
 
 def _is_pure_state(obj: Any) -> bool:
