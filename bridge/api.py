@@ -59,7 +59,7 @@ def _run(
     hops = GRAPH.route(src, to, ctx.satisfies())
     src_format, dst_format = GRAPH.format(src), GRAPH.format(to)
     known = frozenset().union(
-        {"dtype", "casting", "progress"},
+        {"dtype", "casting", "progress", "threads"},
         src_format.options,
         *(GRAPH.format(e.dst).options for e in hops),
     )

@@ -19,6 +19,7 @@ from flax.nnx import variablelib
 from bridge.errors import FormatError
 from bridge.graph import Context, register_conversion, register_format
 from bridge.layout import FLAX_FAMILIES, family
+from bridge.parallel import in_order, thread_count
 from bridge.progress import track
 from bridge.tree import (
     FlatState,
@@ -119,15 +120,21 @@ def write_state(flat: FlatState, ctx: Context) -> nnx.State:
 
 
 def _filled(flat: FlatState, ctx: Context, like: dict[Path, nnx.Variable]) -> nnx.State:
-    """The state of `flat`, each leaf in its template Variable (`like`) where it has one."""
+    """The state of `flat`, each leaf in its template Variable (`like`) where it has one;
+    leaves are read and placed on `threads=` threads."""
     subject = ctx.report.subject or "nnx_state"
     check_nestable(flat, subject)
     seed = ctx.options.get("rng_seed", 0)
     variables = []
     on_host = []
-    for index, (path, leaf) in enumerate(track(flat, ctx, "loading")):
-        where = f"{subject}: {dotted(path)!r}"
-        value = to_jax(leaf.value, where, _sharding(path, like.get(path), ctx))
+    placing = (  # where each leaf goes is decided here: the mesh in use is this thread's
+        (path, leaf, f"{subject}: {dotted(path)!r}", _sharding(path, like.get(path), ctx))
+        for path, leaf in track(flat, ctx, "loading")
+    )
+    placed = in_order(
+        lambda item: to_jax(item[1].value, *item[2:]), placing, thread_count(ctx.options)
+    )
+    for index, ((path, leaf, _, _), value) in enumerate(placed):
         if isinstance(value, np.ndarray):
             on_host.append(dotted(path))
         if leaf.transient and leaf.is_abstract:
