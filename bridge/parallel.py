@@ -3,7 +3,9 @@
 Reading a tensor from a file and copying it to a device releases the GIL (numpy copies,
 jax transfers), so loads of many tensors gain from a few threads. Results come back in
 the order of the input, so the output is the same, key order included, whatever the
-number of threads; at most `threads + 1` tensors are in flight at once.
+number of threads; at most `threads + 1` tensors are in flight at once. JAX's default
+device and 64-bit mode are set per thread (`jax.default_device`, `jax.enable_x64`): the
+workers take the caller's, so that they place and narrow exactly as the caller would.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
+
+import jax
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -39,10 +43,16 @@ def in_order(
         for item in items:
             yield item, fn(item)
         return
+    device, x64 = jax.config.jax_default_device, jax.config.jax_enable_x64
+
+    def as_caller(item: Item) -> Result:
+        with jax.default_device(device), jax.enable_x64(x64):
+            return fn(item)
+
     window: collections.deque[tuple[Item, Future[Result]]] = collections.deque()
     with ThreadPoolExecutor(threads) as pool:
         for item in items:
-            window.append((item, pool.submit(fn, item)))
+            window.append((item, pool.submit(as_caller, item)))
             if len(window) > threads:
                 first, future = window.popleft()
                 yield first, future.result()

@@ -3,8 +3,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -107,3 +111,34 @@ def test_threads_must_be_a_positive_int_or_auto(checkpoint, threads):
     template = nnx.eval_shape(lambda: Many(nnx.Rngs(0)))
     with pytest.raises(ValueError, match="threads="):
         bridge.load(path, to="nnx", template=template, progress=False, threads=threads)
+
+
+PLACED_ON_THE_CALLERS_DEVICE = """
+import jax, numpy as np
+from bridge.parallel import in_order
+assert jax.device_count() == 2
+with jax.default_device(jax.devices()[1]):
+    out = [v for _, v in in_order(lambda i: jax.numpy.asarray(np.ones(i + 1)), range(6), 3)]
+print(sorted({d.id for value in out for d in value.devices()}))
+"""
+
+
+def test_workers_place_on_the_callers_default_device():
+    """`jax.default_device` is per thread: the workers take the caller's (two CPU
+    devices need a fresh process)."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    done = subprocess.run(
+        [sys.executable, "-c", PLACED_ON_THE_CALLERS_DEVICE],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[1]"
+
+
+def test_workers_take_the_callers_64_bit_mode():
+    with jax.enable_x64(True):
+        out = dict(in_order(lambda item: jax.numpy.asarray(np.int64(2**40)), range(3), 2))
+    assert [int(value) for value in out.values()] == [2**40] * 3
