@@ -15,7 +15,7 @@ FLAX_MIN_VENV := .venv-flax-min
 HF4_PINS := transformers==4.57.3 flax==0.12.8 jax==0.10.2 jaxlib==0.10.2
 HF4_VENV := .venv-hf4
 
-.PHONY: demo test test-flax-min test-hf4 lint docs bench bench-large bench-multihost clean
+.PHONY: demo test test-flax-min test-hf4 lint docs bench bench-leaves bench-large bench-multihost clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,11 @@ test-hf4: $(HF4_VENV)/bin/.installed $(BIN)/.installed
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/bench_load.py --size-gb 1.0 --record
 	$(BIN)/python benchmarks/bench_files.py --size-gb 1.0 --record
+
+# Per-leaf cost at 1k / 10k / 50k small leaves against the do-it-yourself pytree code,
+# appended to benchmarks/RESULTS.md.
+bench-leaves: $(BIN)/.installed
+	$(BIN)/python benchmarks/bench_leaves.py --record
 
 # A checkpoint of about 60% of this machine's memory, in 1 GB shards: a loader holding
 # two copies cannot load it; it is converted to Orbax and back in batches. Not part of CI.

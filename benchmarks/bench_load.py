@@ -220,6 +220,21 @@ def method_bridge(path: Path, template, layers: int, dtype: str):
     return bridge.convert(path, to="nnx", template=template, progress=False)
 
 
+def method_bridge_threads(path: Path, template, layers: int, dtype: str):
+    """(a) on one thread per core (`threads="auto"`)."""
+    import bridge
+
+    return bridge.convert(path, to="nnx", template=template, progress=False, threads="auto")
+
+
+def method_cat(path: Path, template, layers: int, dtype: str):
+    """`cat` of the checkpoint's files to /dev/null: reading the bytes from the page
+    cache once, the floor of any load."""
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+    subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True, timeout=600)
+    return []
+
+
 def assign_all(path: Path, model):
     """The per-key loop users write: load_file, then transpose and set each tensor."""
     import jax.numpy as jnp
@@ -317,6 +332,8 @@ def method_export_save_file(path: Path, template, layers: int, dtype: str):
 
 METHODS = {
     "bridge": method_bridge,
+    "bridge_threads": method_bridge_threads,
+    "cat": method_cat,
     "eager": method_eager,
     "abstract": method_abstract,
     "floor_numpy": method_floor_numpy,
@@ -354,6 +371,8 @@ def run_one(method: str, path: Path, layers: int, dtype: str) -> dict:
 
 LABELS = {
     "bridge": "(a) bridge.convert",
+    "bridge_threads": '(a) bridge.convert, threads="auto"',
+    "cat": "cat of the files (page cache)",
     "eager": "(b) eager init + assign",
     "abstract": "(c) eval_shape + load_file + assign",
     "floor_numpy": "(d) floor, numpy",

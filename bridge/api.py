@@ -65,7 +65,7 @@ def _run(
     src_format, dst_format = GRAPH.format(src), GRAPH.format(to)
     template_format = None if template is None else GRAPH.format(GRAPH.detect(template))
     known = frozenset().union(
-        {"dtype", "casting", "progress", "batch_bytes"},
+        {"dtype", "casting", "progress", "batch_bytes", "threads"},
         src_format.options,
         *(GRAPH.format(e.dst).options for e in hops),
     )

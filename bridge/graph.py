@@ -41,6 +41,9 @@ class Context:
     streaming: bool = False
     """A file is converted into a file: readers hand out lazy arrays and writers take them
     batch by batch (`bridge.stream`), so memory holds a batch, not the model."""
+    walks: dict[int, Any] = dataclasses.field(default_factory=dict)
+    """What an adapter learned walking an object of this call (by `id`), for its writer
+    to reuse: walking a 50,000-leaf NNX graph twice costs as much as the conversion."""
 
     def satisfies(self) -> frozenset[str]:
         """The edge needs this call meets."""

@@ -24,6 +24,7 @@ from bridge.graph import (
     register_format,
     set_aside_training,
 )
+from bridge.parallel import in_order, thread_count
 from bridge.progress import track
 from bridge.tree import (
     MESH,
@@ -96,9 +97,14 @@ def write_linen(flat: FlatState, ctx: Context) -> dict[str, Any]:
     out: dict[tuple[str, ...], Any] = {}
     unboxed_metadata = 0
     on_host: list[str] = []
-    for path, leaf in track(flat, ctx, "loading"):
+
+    def place(item: tuple[Path, Leaf]) -> Any:
+        return to_jax(item[1].value, f"{subject}: {'/'.join(keys[item[0]])!r}")
+
+    items = track(flat, ctx, "loading")
+    for (path, leaf), value in in_order(place, items, thread_count(ctx.options)):
         key = keys[path]
-        leaf = leaf.replace(value=to_jax(leaf.value, f"{subject}: {'/'.join(key)!r}"))
+        leaf = leaf.replace(value=value)
         if isinstance(leaf.value, np.ndarray):
             on_host.append("/".join(key))
         out[key] = _box(leaf) if boxed else leaf.value

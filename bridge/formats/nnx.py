@@ -19,6 +19,7 @@ from flax.nnx import variablelib
 from bridge.errors import FormatError
 from bridge.graph import Context, register_conversion, register_format
 from bridge.layout import FLAX_FAMILIES, family
+from bridge.parallel import in_order, thread_count
 from bridge.progress import track
 from bridge.tree import (
     FlatState,
@@ -70,9 +71,10 @@ def read_module(model: nnx.Pytree, ctx: Context) -> FlatState:
         for path, node in nnx.iter_graph(model)
         if isinstance(node, nnx.Module)
     }
+    ctx.walks[id(model)] = split = nnx.split(model)
     return {
         path: leaf.replace(module=families.get(path[:-1]))
-        for path, leaf in read_state(nnx.state(model), ctx).items()
+        for path, leaf in read_state(split[1], ctx).items()
     }
 
 
@@ -114,15 +116,25 @@ def _fresh_rng(leaf: Leaf, index: int, seed: int) -> Any:
 
 
 def write_state(flat: FlatState, ctx: Context) -> nnx.State:
+    return _filled(flat, ctx, _template_variables(ctx.template))
+
+
+def _filled(flat: FlatState, ctx: Context, like: dict[Path, nnx.Variable]) -> nnx.State:
+    """The state of `flat`, each leaf in its template Variable (`like`) where it has one;
+    leaves are read and placed on `threads=` threads."""
     subject = ctx.report.subject or "nnx_state"
     check_nestable(flat, subject)
-    like = _template_variables(ctx.template)
     seed = ctx.options.get("rng_seed", 0)
     variables = []
     on_host = []
-    for index, (path, leaf) in enumerate(track(flat, ctx, "loading")):
-        where = f"{subject}: {dotted(path)!r}"
-        value = to_jax(leaf.value, where, _sharding(path, like.get(path), ctx))
+    placing = (  # where each leaf goes is decided here: the mesh in use is this thread's
+        (path, leaf, f"{subject}: {dotted(path)!r}", _sharding(path, like.get(path), ctx))
+        for path, leaf in track(flat, ctx, "loading")
+    )
+    placed = in_order(
+        lambda item: to_jax(item[1].value, *item[2:]), placing, thread_count(ctx.options)
+    )
+    for index, ((path, leaf, _, _), value) in enumerate(placed):
         if isinstance(value, np.ndarray):
             on_host.append(dotted(path))
         if leaf.transient and leaf.is_abstract:
@@ -140,8 +152,8 @@ def write_state(flat: FlatState, ctx: Context) -> nnx.State:
 
 
 def write_module(flat: FlatState, ctx: Context) -> nnx.Pytree:
-    graphdef, _ = nnx.split(ctx.template)
-    return nnx.merge(graphdef, write_state(flat, ctx))
+    graphdef, state = ctx.walks.get(id(ctx.template)) or nnx.split(ctx.template)
+    return nnx.merge(graphdef, _filled(flat, ctx, _template_variables(state)))
 
 
 def _is_pure_state(obj: Any) -> bool:
