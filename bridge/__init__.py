@@ -16,6 +16,7 @@ from bridge.api import (
     plan,
     route,
     save,
+    suggest_rules,
 )
 from bridge.errors import (
     BridgeError,
@@ -28,6 +29,7 @@ from bridge.graph import Context, Edge, Format, register_conversion, register_fo
 from bridge.mapping import Merge, Rule, Split, Stack, Unstack
 from bridge.migration import migrate
 from bridge.report import Problem, Report
+from bridge.suggest import Pairing, Suggestion, Tie
 from bridge.tree import FlatState, Leaf, Path
 
 try:
@@ -48,6 +50,7 @@ __all__ = [
     "MismatchError",
     "NoRouteError",
     "OutputExistsError",
+    "Pairing",
     "Path",
     "Plan",
     "PlanRow",
@@ -56,6 +59,8 @@ __all__ = [
     "Rule",
     "Split",
     "Stack",
+    "Suggestion",
+    "Tie",
     "Unstack",
     "__version__",
     "conversions",
@@ -70,4 +75,5 @@ __all__ = [
     "register_format",
     "route",
     "save",
+    "suggest_rules",
 ]

@@ -64,13 +64,13 @@ Exit status: 0 success; 1 a mismatch (convert, strict plan) or a difference (dif
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import importlib.util
 import json
 import os
 import pathlib
 import sys
-import tomllib
 import traceback
 from collections.abc import Iterator
 from typing import Annotated, Any
@@ -87,7 +87,8 @@ import bridge
 from bridge.atomic import atomic_output, check_output
 from bridge.errors import BridgeError, MismatchError, OutputExistsError
 from bridge.graph import GRAPH, Context, Edge
-from bridge.mapping import Merge, Report, Split, Stack, Unstack
+from bridge.mapping import Report
+from bridge.rules_file import modules_table, read_rules, read_toml
 from bridge.tree import match_key
 
 TORCH_SUFFIXES = (".pt", ".bin", ".pth")
@@ -285,54 +286,6 @@ def abstract_linen_variables(spec: str, module: nn.Module, *inputs: Any) -> Any:
         ) from error
 
 
-def _read_toml(path: str) -> dict[str, Any]:
-    try:
-        with open(_existing(path), "rb") as file:
-            return tomllib.load(file)
-    except tomllib.TOMLDecodeError as error:
-        raise UsageError(f"{path}: invalid TOML: {error}") from None
-
-
-RULE_FIELDS: dict[str, tuple[type, set[str], set[str]]] = {
-    "split": (Split, {"fused", "parts"}, {"axis"}),
-    "merge": (Merge, {"parts", "fused"}, {"axis"}),
-    "unstack": (Unstack, {"stacked", "layers"}, {"over", "axis"}),
-    "stack": (Stack, {"layers", "stacked"}, {"over", "axis"}),
-}
-
-
-def load_rules(path: str) -> tuple[list[Any], dict[str, str]]:
-    """The rules and the `[modules]` table of a rules TOML file (schema: module docstring)."""
-    data = _read_toml(path)
-    known = {"rename", "modules", *RULE_FIELDS}
-    if unknown := sorted(set(data) - known):
-        raise UsageError(f"{path}: unknown table(s) {unknown}; known: {sorted(known)}")
-    rules: list[Any] = []
-    for i, entry in enumerate(data.get("rename", [])):
-        if not isinstance(entry, dict) or set(entry) != {"pattern", "replacement"}:
-            raise UsageError(f"{path}: [[rename]] #{i + 1} needs exactly pattern and replacement")
-        rules.append((str(entry["pattern"]), str(entry["replacement"])))
-    for name, (cls, required, optional) in RULE_FIELDS.items():
-        for i, entry in enumerate(data.get(name, [])):
-            keys = set(entry) if isinstance(entry, dict) else set()
-            if not required <= keys or keys - required - optional:
-                raise UsageError(
-                    f"{path}: [[{name}]] #{i + 1} needs {sorted(required)}"
-                    f" (optional {sorted(optional)}), got {sorted(keys)}"
-                )
-            rules.append(cls(**entry))
-    return rules, _modules_table(data, path)
-
-
-def _modules_table(data: dict[str, Any], path: str) -> dict[str, str]:
-    table = data.get("modules")
-    if table is None:
-        table = {k: v for k, v in data.items() if isinstance(v, str)}
-    if not isinstance(table, dict) or not all(isinstance(v, str) for v in table.values()):
-        raise UsageError(f'{path}: [modules] must map patterns to family names ("Conv1D")')
-    return dict(table)
-
-
 def _options(
     template: str | None,
     rules: str | None,
@@ -345,9 +298,9 @@ def _options(
         kwargs["template"] = load_template(template)
     found_modules: dict[str, str] = {}
     if rules is not None:
-        kwargs["rules"], found_modules = load_rules(rules)
+        kwargs["rules"], found_modules = read_rules(_existing(rules))
     if modules is not None:
-        found_modules.update(_modules_table(_read_toml(modules), modules))
+        found_modules.update(modules_table(read_toml(_existing(modules)), modules))
     if found_modules:
         kwargs["modules"] = found_modules
     if dtype is not None:
@@ -581,6 +534,16 @@ def _plan_json(found: bridge.Plan) -> dict[str, Any]:
             for r in found.rows
         ],
         "report": _report_json(found.report),
+        **({"suggestion": _suggestion_json(found.suggestion)} if found.suggestion else {}),
+    }
+
+
+def _suggestion_json(found: bridge.Suggestion) -> dict[str, Any]:
+    return {
+        "pairings": [dataclasses.asdict(p) | {"confidence": p.confidence} for p in found.pairings],
+        "ties": [dataclasses.asdict(tie) for tie in found.ties],
+        "evidence": found.counts(),
+        "rules_toml": found.to_toml(),
     }
 
 
@@ -599,6 +562,15 @@ def plan(
     dtype: DtypeOpt = None,
     strict: StrictOpt = True,
     as_json: JsonOpt = False,
+    suggest: Annotated[
+        str | None,
+        typer.Option(
+            "--suggest-rules",
+            metavar="FILE",
+            help="Suggest the rules from the structure of SRC and --template, write them "
+            "to FILE (a new rules TOML, to review and pass with --rules); --rules are hints.",
+        ),
+    ] = None,
 ) -> None:
     """The route and per-leaf table a conversion would use; no data is moved.
 
@@ -609,7 +581,12 @@ def plan(
         kwargs.pop("progress")
         if "path" in GRAPH.format(to).options:  # satisfies the route's need; nothing is written
             kwargs["path"] = os.devnull
+        if suggest is not None:
+            kwargs["hints"], kwargs["rules"] = kwargs.pop("rules", None), "auto"
         found = bridge.plan(_existing(src), to=to, **kwargs)
+        if found.suggestion is not None and suggest is not None:
+            with atomic_output(suggest) as temp:
+                pathlib.Path(temp).write_text(found.suggestion.to_toml(), encoding="utf-8")
         if as_json:
             _dump(_plan_json(found))
         else:
@@ -631,6 +608,8 @@ def plan(
                     f"{r.nbytes:,}",
                 )
             console.print(table)
+            if found.suggestion is not None:
+                console.print(str(found.suggestion), markup=False, highlight=False)
             console.print(str(found.report), markup=False, highlight=False)
         if strict and not found.report.ok:
             _err(_mismatch_line(found.report))
@@ -761,7 +740,7 @@ def diff(
     Values must be equal exactly unless --rtol / --atol are given.
     """
     with _errors():
-        table = _modules_table(_read_toml(modules), modules) if modules else None
+        table = modules_table(read_toml(_existing(modules)), modules) if modules else None
         fmt_a, left = _read_flat(a, b, table)
         fmt_b, right = _read_flat(b, a, table)
         only_a = sorted(set(left) - set(right))
