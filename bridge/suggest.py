@@ -209,10 +209,17 @@ def _fused_axes(
                 )
             if ok:
                 found.append(axis)
-        if len(found) != 1:
+        if len(found) > 1:
+            raise _ManyAxes(role, found)
+        if not found:
             return None
         axes[role] = found[0]
     return axes
+
+
+class _ManyAxes(Exception):
+    """A fused tensor whose parts fit along more than one axis: a weight of unknown
+    module, (out, in) or (in, out)."""
 
 
 def _flax(src_role: str, tgt_role: str, crossing: str | None) -> str:
@@ -241,7 +248,7 @@ class _Scope:
     given: set[Path] = dataclasses.field(default_factory=set)
     """Source modules whose family the caller's `modules=` patterns gave."""
     pairs: list[_Pair] = dataclasses.field(default_factory=list)
-    ties: list[tuple[list[Path], list[Path]]] = dataclasses.field(default_factory=list)
+    ties: list[tuple[list[Path], list[Path], str]] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.done, self.done_targets = dict(self.sources), dict(self.targets)
@@ -253,6 +260,14 @@ class _Scope:
         for path in targets:
             del self.targets[path]
         self.pairs.append(_Pair(sources, targets, evidence, **kw))
+
+    def tie(self, sources: Sequence[Path], targets: Sequence[Path], reason: str = "") -> None:
+        """Set modules aside as a tie: no later step may pair them otherwise."""
+        for path in sources:
+            del self.sources[path]
+        for path in targets:
+            del self.targets[path]
+        self.ties.append((list(sources), list(targets), reason))
 
     def fits(self, src: Path, tgt: Path) -> bool:
         return compatible(self.sources[src], self.targets[tgt], self.crossing)
@@ -291,9 +306,21 @@ class _Scope:
                 if not names or any(len(paths) != 1 for paths in found):
                     continue
                 parts = [paths[0] for paths in found]
-                axes = _fused_axes(
-                    wholes[path], [pieces[p] for p in parts], self.crossing, whole_is_source
-                )
+                sides = ([path], parts) if whole_is_source else (parts, [path])
+                try:
+                    axes = _fused_axes(
+                        wholes[path], [pieces[p] for p in parts], self.crossing, whole_is_source
+                    )
+                except _ManyAxes as many:
+                    role, axes_found = many.args
+                    self.tie(
+                        *sides,
+                        f"the {role} of a module nothing names the kind of fits fused along "
+                        f"axes {axes_found} ((out, in) or (in, out)); pass "
+                        "modules={pattern: 'Linear' or 'Conv1D'} for the source",
+                    )
+                    tagged = _tagged(pieces)
+                    continue
                 if axes is None:
                     continue
                 if whole_is_source:
@@ -340,7 +367,7 @@ class _Scope:
                 for src, tgt in zip(_by_number(sources), _by_number(targets), strict=True):
                     self.take([src], [tgt], "order")
             else:
-                self.ties.append((sources, targets))
+                self.ties.append((sources, targets, ""))
 
     def run(self) -> None:
         while self.sources and self.targets:
@@ -535,14 +562,15 @@ class Tie:
 
     sources: tuple[str, ...]
     targets: tuple[str, ...]
+    reason: str = ""
 
     def __str__(self) -> str:
         example = f"hints=[(r'^{re.escape(self.sources[0])}\\.', '{self.targets[0]}.')]"
-        return (
-            f"{', '.join(self.sources)} <-> {', '.join(self.targets)}: equally good by "
-            f"every evidence (names, roles, shapes after layout, order); give one hint, "
-            f"e.g. {example}"
+        reason = self.reason or (
+            "equally good by every evidence (names, roles, shapes after layout, order); "
+            f"give one hint, e.g. {example}"
         )
+        return f"{', '.join(self.sources)} <-> {', '.join(self.targets)}: {reason}"
 
 
 @dataclasses.dataclass
@@ -767,11 +795,12 @@ def suggest(
                 modules.update(
                     _module_entries(pair, tgt_side, first_sources, first_targets, needed, in_out)
                 )
-        for sources, targets in scope.ties:
+        for sources, targets, reason in scope.ties:
             ties.append(
                 Tie(
                     tuple(src_side.key(s) for s in sorted(sources, key=dotted)),
                     tuple(tgt_side.key(t) for t in sorted(targets, key=dotted)),
+                    reason,
                 )
             )
         if stacked:
@@ -814,7 +843,7 @@ def _module_entries(
 def _unpaired(scopes: Sequence[tuple[_Scope, _Side, _Side, int, _Family | None]]) -> list[str]:
     out = []
     for scope, src_side, tgt_side, _, _ in scopes:
-        tied = {p for sources, targets in scope.ties for p in (*sources, *targets)}
-        out += [f"source {src_side.key(p)}" for p in scope.sources if p not in tied]
-        out += [f"template {tgt_side.key(p)}" for p in scope.targets if p not in tied]
+        tied = {p for sources, targets, _ in scope.ties for p in (*sources, *targets)}
+        out += [f"source {src_side.key(p) or '(root)'}" for p in scope.sources if p not in tied]
+        out += [f"template {tgt_side.key(p) or '(root)'}" for p in scope.targets if p not in tied]
     return out
