@@ -54,6 +54,8 @@ Options shared by `plan` and `convert`:
   or more.
 - `--modules FILE.toml`: the `[modules]` table of FILE (or its top-level string
   entries): `pattern = "Family"`, e.g. `"\\.c_proj$" = "Conv1D"`.
+- `plan --suggest-rules FILE.toml`: when the names of SRC and the template differ, the
+  rules proposed from their structure, written to FILE for review (`--rules`: hints).
 - `--dtype bf16|fp16|fp32|...`: cast floating-point leaves.
 - `--no-strict`: fill what matches and report the rest instead of failing.
 

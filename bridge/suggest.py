@@ -167,7 +167,8 @@ def _fused_axes(
     whole: Roles, parts: Sequence[Roles], crossing: str | None, whole_is_source: bool
 ) -> dict[str, int] | None:
     """Per source role, the one axis along which `whole` is the concatenation of `parts`
-    (source layout), or None when no axis, or more than one, gives modules that fit."""
+    (source layout); None when no axis gives modules that fit, `_ManyAxes` when several
+    do."""
     src_roles = whole if whole_is_source else parts[0]
     maps = [
         role_map(whole, part, crossing) if whole_is_source else role_map(part, whole, crossing)
@@ -731,7 +732,7 @@ def suggest(
     family = module_hints(modules)
     given = {path[:-1]: name for path in source if (name := family(path[:-1]))}
     source = {
-        path: leaf.replace(module=given.get(path[:-1], leaf.module))
+        path: leaf.replace(module=given[path[:-1]]) if path[:-1] in given else leaf
         for path, leaf in source.items()
     }
     src_modules = _modules(
