@@ -10,13 +10,16 @@ come from `transformers` configs (and one `torch.nn` CNN) in `torch_models`.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import torch
 import transformers
 from flax import nnx
+from nnx_gpt2 import tiny_hf_gpt2
 
-from tests.nnx_models import rotary_cos_sin, rotate_half
+from tests.nnx_models import HF_CONFIGS, rotary_cos_sin, rotate_half
 
 
 def _heads(x: jax.Array, heads: int) -> jax.Array:
@@ -244,38 +247,7 @@ class CnnPort(nnx.Module):
 
 # --- the torch models, from configs -----------------------------------------------------
 
-CONFIGS = {
-    "gpt2": transformers.GPT2Config(
-        n_layer=2,
-        n_embd=32,
-        n_head=4,
-        vocab_size=97,
-        n_positions=16,
-        bos_token_id=0,
-        eos_token_id=0,
-    ),
-    "llama": transformers.LlamaConfig(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rope_theta=5000.0,
-        tie_word_embeddings=False,
-        attn_implementation="eager",
-    ),
-    "bert": transformers.BertConfig(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=16,
-        type_vocab_size=2,
-        attn_implementation="eager",
-    ),
-}
+CONFIGS = {"gpt2": tiny_hf_gpt2().config, **HF_CONFIGS}
 TORCH_CLASSES = {
     "gpt2": transformers.GPT2LMHeadModel,
     "llama": transformers.LlamaForCausalLM,
@@ -304,17 +276,7 @@ def template(name: str) -> nnx.Module:
     return nnx.eval_shape(lambda: PORTS[name](CONFIGS[name], nnx.Rngs(0)))
 
 
-def gpt2_template() -> nnx.Module:
-    return template("gpt2")
-
-
-def llama_template() -> nnx.Module:
-    return template("llama")
-
-
-def bert_template() -> nnx.Module:
-    return template("bert")
-
-
-def cnn_template() -> nnx.Module:
-    return template("cnn")
+gpt2_template, llama_template, bert_template, cnn_template = (
+    functools.partial(template, name) for name in NAMES
+)
+"""`--template tests/ported_models.py:llama_template` for the CLI."""
