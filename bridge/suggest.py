@@ -250,6 +250,8 @@ class _Scope:
     """Source modules whose family the caller's `modules=` patterns gave."""
     pairs: list[_Pair] = dataclasses.field(default_factory=list)
     ties: list[tuple[list[Path], list[Path], str]] = dataclasses.field(default_factory=list)
+    refused: list[tuple[Path, Path, str]] = dataclasses.field(default_factory=list)
+    """Modules that names pair but that do not fit: left for the matcher to report."""
 
     def __post_init__(self) -> None:
         self.done, self.done_targets = dict(self.sources), dict(self.targets)
@@ -273,15 +275,22 @@ class _Scope:
     def fits(self, src: Path, tgt: Path) -> bool:
         return compatible(self.sources[src], self.targets[tgt], self.crossing)
 
+    def pair_or_refuse(self, src: Path, tgt: Path, evidence: str) -> None:
+        """Pair what names pair, if it fits; if not, neither is paired elsewhere: weaker
+        evidence never overrides names that say these two are one."""
+        if self.fits(src, tgt):
+            self.take([src], [tgt], evidence)
+            return
+        del self.sources[src], self.targets[tgt]
+        self.refused.append((src, tgt, evidence))
+
     def by_name(self) -> bool:
         keys = {position_key(path): path for path in self.targets}
         found = [
-            (src, keys[position_key(src)])
-            for src in self.sources
-            if position_key(src) in keys and self.fits(src, keys[position_key(src)])
+            (src, keys[position_key(src)]) for src in self.sources if position_key(src) in keys
         ]
         for src, tgt in found:
-            self.take([src], [tgt], "hint" if src in self.hinted else "name")
+            self.pair_or_refuse(src, tgt, "hint" if src in self.hinted else "name")
         return bool(found)
 
     def by_role(self) -> bool:
@@ -289,8 +298,8 @@ class _Scope:
         sides = [_tagged(self.sources), _tagged(self.targets)]
         for role, sources in sides[0].items():
             targets = sides[1].get(role, [])
-            if len(sources) == 1 and len(targets) == 1 and self.fits(sources[0], targets[0]):
-                self.take(sources, targets, "role")
+            if len(sources) == 1 and len(targets) == 1:
+                self.pair_or_refuse(sources[0], targets[0], "role")
                 progress = True
         return progress
 
@@ -847,4 +856,8 @@ def _unpaired(scopes: Sequence[tuple[_Scope, _Side, _Side, int, _Family | None]]
         tied = {p for sources, targets, _ in scope.ties for p in (*sources, *targets)}
         out += [f"source {src_side.key(p) or '(root)'}" for p in scope.sources if p not in tied]
         out += [f"template {tgt_side.key(p) or '(root)'}" for p in scope.targets if p not in tied]
+        out += [
+            f"source {src_side.key(s)}, template {tgt_side.key(t)}: paired by {why}, do not fit"
+            for s, t, why in scope.refused
+        ]
     return out

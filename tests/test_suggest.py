@@ -264,3 +264,26 @@ def test_auto_rules_export_the_port_back_to_the_torch_model_bit_exact(name):
     assert set(state) == set(expected)
     for key, value in expected.items():
         assert np.asarray(state[key]).tobytes() == value.numpy().tobytes(), key
+
+
+def test_shapes_never_override_names_that_do_not_fit():
+    """`a` and `b` on both sides, their shapes swapped: a swap would fit, names say no."""
+
+    class Source(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 8), torch.nn.Linear(8, 4)
+
+    class Target(nnx.Module):
+        def __init__(self, rngs: nnx.Rngs) -> None:
+            self.a, self.b = nnx.Linear(8, 4, rngs=rngs), nnx.Linear(4, 8, rngs=rngs)
+
+    template = nnx.eval_shape(lambda: Target(nnx.Rngs(0)))
+    suggestion = bridge.suggest_rules(Source(), template=template)
+    assert suggestion.pairings == [] and suggestion.rules == []
+    assert suggestion.unpaired == [
+        "source a, template a: paired by name, do not fit",
+        "source b, template b: paired by name, do not fit",
+    ]
+    with pytest.raises(bridge.MismatchError, match="mismatch"):
+        bridge.convert(Source(), to="nnx", template=template, rules="auto")
