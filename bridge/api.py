@@ -102,8 +102,8 @@ def _run(
 def _suggest(
     flat: FlatState, ctx: Context, hops: list[Edge], hints: Sequence[Rule] | None
 ) -> Suggestion:
-    """Suggest the rules into `ctx`: its rules, the modules scanned blocks need (after
-    the caller's own), and every tie as an ambiguity of the report."""
+    """Suggest the rules into `ctx`: its rules, the module families the renamed keys
+    need (after the caller's own patterns), and every tie as an ambiguity."""
     if ctx.template_flat is None:
         raise TypeError('rules="auto" pairs the source with a template: pass template=...')
     layouts = [edge.transform for edge in hops if edge.transform in (to_flax, to_torch)]
@@ -112,7 +112,8 @@ def _suggest(
     ctx.rules = found.rules
     if found.modules:  # the caller's patterns first: the first that matches decides
         given = dict(ctx.options.get("modules") or {})
-        ctx.options = {**ctx.options, "modules": {**given, **found.modules, **given}}
+        added = {key: name for key, name in found.modules.items() if key not in given}
+        ctx.options = {**ctx.options, "modules": {**given, **added}}
     ctx.report.ambiguous.extend(found.problems())
     counts = ", ".join(f"{kind} {n}" for kind, n in found.counts().items())
     ctx.report.notes.append(f"rules suggested from the structure ({counts} leaf pairs)")
