@@ -16,6 +16,7 @@ from bridge.api import (
     registered_formats,
     route,
     save,
+    suggest_rules,
 )
 from bridge.errors import (
     BridgeError,
@@ -29,6 +30,7 @@ from bridge.graph import Context, Edge, Format, register_conversion, register_fo
 from bridge.mapping import Merge, Rule, Split, Stack, Unstack
 from bridge.migration import migrate
 from bridge.report import Problem, Report
+from bridge.suggest import Pairing, Suggestion, Tie
 from bridge.tree import FlatState, Leaf, Path
 
 try:
@@ -49,6 +51,7 @@ __all__ = [
     "MismatchError",
     "NoRouteError",
     "OutputExistsError",
+    "Pairing",
     "Path",
     "PeerError",
     "Plan",
@@ -58,6 +61,8 @@ __all__ = [
     "Rule",
     "Split",
     "Stack",
+    "Suggestion",
+    "Tie",
     "Unstack",
     "__version__",
     "conversions",
@@ -73,4 +78,5 @@ __all__ = [
     "registered_formats",
     "route",
     "save",
+    "suggest_rules",
 ]

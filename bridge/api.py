@@ -12,9 +12,11 @@ from typing import Any, Literal, overload
 from bridge import multihost
 from bridge.errors import MismatchError
 from bridge.graph import GRAPH, Context, Edge, Format
+from bridge.layout import to_flax, to_torch
 from bridge.mapping import Rule, apply_rules, match
 from bridge.report import Report
 from bridge.stream import batch_bytes, is_file_to_file
+from bridge.suggest import Suggestion, suggest
 from bridge.tree import FlatState, cast_floating, cast_target
 
 
@@ -39,6 +41,10 @@ def route(src: str, dst: str) -> list[Edge]:
     return GRAPH.route(src, dst)
 
 
+Rules = Sequence[Rule] | Literal["auto"] | None
+"""Rules to apply, or "auto": suggested from the structure of source and template."""
+
+
 def _named(obj: Any) -> str:
     return f" {os.fspath(obj)!r}" if isinstance(obj, str | os.PathLike) else ""
 
@@ -48,15 +54,18 @@ def _run(
     to: str,
     source: str | None,
     template: Any,
-    rules: Sequence[Rule] | None,
+    rules: Rules,
     strict: bool,
     options: dict[str, Any],
     dry: bool = False,
-) -> tuple[str, list[Edge], FlatState, Context]:
+) -> tuple[str, list[Edge], FlatState, Context, Suggestion | None]:
     """Everything `convert` does but writing the target; `dry` reads no array data
-    (the source's `inspect` where it has one), for plans."""
+    (the source's `inspect` where it has one), for plans. `rules="auto"` suggests the
+    rules from the structure of source and template (`hints=` first)."""
     src = source or GRAPH.detect(obj)
-    ctx = Context(template, list(rules) if rules else None, strict, options)
+    auto = isinstance(rules, str) and rules == "auto"
+    hints = options.pop("hints", None) if auto else None
+    ctx = Context(template, list(rules) if rules and not auto else None, strict, options)
     ctx.source = src
     ctx.streaming = is_file_to_file(obj, options)
     batch_bytes(ctx)  # a wrong size is refused before anything is read
@@ -87,6 +96,7 @@ def _run(
         )
         for path, leaf in read(obj, ctx).items()
     }
+    suggestion = _suggest(flat, ctx, hops, hints) if auto else None
     flat = apply_rules(flat, ctx.rules, ctx.report)
     for edge in hops:
         if edge.transform is not None:
@@ -101,7 +111,28 @@ def _run(
     if ctx.checkpoint is not None and dst_format.checkpoint_files:
         flat = ctx.checkpoint.to_files(flat, ctx)
         ctx.companions = ctx.checkpoint.companions(flat, ctx)
-    return src, hops, flat, ctx
+    return src, hops, flat, ctx, suggestion
+
+
+def _suggest(
+    flat: FlatState, ctx: Context, hops: list[Edge], hints: Sequence[Rule] | None
+) -> Suggestion:
+    """Suggest the rules into `ctx`: its rules, the module families the renamed keys
+    need (after the caller's own patterns), and every tie as an ambiguity."""
+    if ctx.template_flat is None:
+        raise TypeError('rules="auto" pairs the source with a template: pass template=...')
+    layouts = [edge.transform for edge in hops if edge.transform in (to_flax, to_torch)]
+    crossing = None if not layouts else "flax" if layouts[0] is to_flax else "torch"
+    found = suggest(flat, ctx.template_flat, crossing, hints, ctx.options.get("modules"))
+    ctx.rules = found.rules
+    if found.modules:  # the caller's patterns first: the first that matches decides
+        given = dict(ctx.options.get("modules") or {})
+        added = {key: name for key, name in found.modules.items() if key not in given}
+        ctx.options = {**ctx.options, "modules": {**given, **added}}
+    ctx.report.ambiguous.extend(found.problems())
+    counts = ", ".join(f"{kind} {n}" for kind, n in found.counts().items())
+    ctx.report.notes.append(f"rules suggested from the structure ({counts} leaf pairs)")
+    return found
 
 
 @overload
@@ -111,7 +142,7 @@ def convert(
     *,
     source: str | None = ...,
     template: Any = ...,
-    rules: Sequence[Rule] | None = ...,
+    rules: Rules = ...,
     strict: Literal[True] = ...,
     **options: Any,
 ) -> Any: ...
@@ -122,7 +153,7 @@ def convert(
     *,
     source: str | None = ...,
     template: Any = ...,
-    rules: Sequence[Rule] | None = ...,
+    rules: Rules = ...,
     strict: Literal[False],
     **options: Any,
 ) -> tuple[Any, Report]: ...
@@ -132,14 +163,16 @@ def convert(
     *,
     source: str | None = None,
     template: Any = None,
-    rules: Sequence[Rule] | None = None,
+    rules: Rules = None,
     strict: bool = True,
     **options: Any,
 ) -> Any:
     """Convert `obj` to format `to` along the cheapest lossless route.
 
     `template` is the target's skeleton (concrete or abstract); every one of its leaves
-    must receive exactly one source leaf. `rules` rename source keys first. With
+    must receive exactly one source leaf. `rules` rename source keys first;
+    `rules="auto"` suggests them from the structure of both sides (see `suggest_rules`;
+    `hints=` takes partial rules for what it cannot tell), and any tie is a mismatch. With
     `strict=True` any mismatch raises `MismatchError`; with `strict=False` the call
     returns `(result, report)` and the report lists every leaf it could not fill.
 
@@ -151,7 +184,7 @@ def convert(
     saving = options.get("path") is not None  # under jax.distributed, on every process
     with multihost.gathering(saving):
         with multihost.together(f"{_named(obj).strip() or to}: reading", collective=saving):
-            _, _, flat, ctx = _run(obj, to, source, template, rules, strict, options)
+            _, _, flat, ctx, _ = _run(obj, to, source, template, rules, strict, options)
             if strict and not ctx.report.ok:
                 raise MismatchError(ctx.report)
         result = GRAPH.format(to).write(flat, ctx)
@@ -193,6 +226,8 @@ class Plan:
     route: list[Edge]
     rows: list[PlanRow]
     report: Report
+    suggestion: Suggestion | None = None
+    """The rules `rules="auto"` suggested, with the evidence of each pairing."""
 
     @property
     def lossy(self) -> bool:
@@ -210,7 +245,8 @@ class Plan:
             for row in self.rows
         ]
         table = _table(cells, f"{len(self.rows)} leaves, {self.nbytes:,} bytes")
-        return f"plan {self.source} -> {self.target}: {hops}\n{table}\n{self.report}"
+        suggested = f"{self.suggestion}\n" if self.suggestion else ""
+        return f"plan {self.source} -> {self.target}: {hops}\n{suggested}{table}\n{self.report}"
 
 
 def plan(
@@ -219,12 +255,12 @@ def plan(
     *,
     source: str | None = None,
     template: Any = None,
-    rules: Sequence[Rule] | None = None,
+    rules: Rules = None,
     strict: bool = True,
     **options: Any,
 ) -> Plan:
     """The route and per-leaf table `convert` would use, without moving any data."""
-    src, hops, flat, ctx = _run(obj, to, source, template, rules, strict, options, dry=True)
+    src, hops, flat, ctx, found = _run(obj, to, source, template, rules, strict, options, dry=True)
     spell = GRAPH.format(to).spell
     rows = [
         PlanRow(
@@ -232,7 +268,29 @@ def plan(
         )
         for path, leaf in flat.items()
     ]
-    return Plan(src, to, hops, rows, ctx.report)
+    return Plan(src, to, hops, rows, ctx.report, found)
+
+
+def suggest_rules(
+    obj: Any,
+    *,
+    template: Any,
+    to: str | None = None,
+    source: str | None = None,
+    hints: Sequence[Rule] | None = None,
+    **options: Any,
+) -> Suggestion:
+    """The rules that map `obj` onto `template` when their names differ, proposed from
+    the structure of both sides, each pairing with its evidence and confidence; ties
+    (modules no evidence tells apart) are listed, never decided: give `hints=` (partial
+    rules) for them. `to` defaults to the template's format; options as for `convert`.
+    Reads no array data."""
+    target = to or GRAPH.detect(template)
+    found = plan(
+        obj, target, source=source, template=template, rules="auto", hints=hints, **options
+    )
+    assert found.suggestion is not None  # rules="auto" always suggests
+    return found.suggestion
 
 
 def save(

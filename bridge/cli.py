@@ -54,6 +54,8 @@ Options shared by `plan` and `convert`:
   or more.
 - `--modules FILE.toml`: the `[modules]` table of FILE (or its top-level string
   entries): `pattern = "Family"`, e.g. `"\\.c_proj$" = "Conv1D"`.
+- `plan --suggest-rules FILE.toml`: when the names of SRC and the template differ, the
+  rules proposed from their structure, written to FILE for review (`--rules`: hints).
 - `--dtype bf16|fp16|fp32|...`: cast floating-point leaves to another floating type;
   `--casting unsafe` lets it cast them to an integer or bool type (values rounded,
   wrapped or truncated: never by mistake).
@@ -248,6 +250,15 @@ def plan(
     casting: CastingOpt = None,
     strict: StrictOpt = True,
     as_json: JsonOpt = False,
+    suggest: Annotated[
+        str | None,
+        typer.Option(
+            "--suggest-rules",
+            metavar="FILE",
+            help="Suggest the rules from the structure of SRC and --template, write them "
+            "to FILE (a new rules TOML, to review and pass with --rules); --rules are hints.",
+        ),
+    ] = None,
 ) -> None:
     """The route and per-leaf table a conversion would use; no data is moved.
 
@@ -258,7 +269,12 @@ def plan(
         kwargs.pop("progress")
         if "path" in GRAPH.format(to).options:  # satisfies the route's need; nothing is written
             kwargs["path"] = os.devnull
+        if suggest is not None:
+            kwargs["hints"], kwargs["rules"] = kwargs.pop("rules", None), "auto"
         found = bridge.plan(existing(src), to=to, **kwargs)
+        if found.suggestion is not None and suggest is not None:
+            with atomic_output(suggest) as temp:
+                pathlib.Path(temp).write_text(found.suggestion.to_toml(), encoding="utf-8")
         failed = strict and not found.report.ok
         if as_json and not failed:
             output.dump(output.plan_json(found))

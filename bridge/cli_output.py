@@ -3,6 +3,7 @@ for scripts (`--json`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -16,6 +17,7 @@ from bridge.api import Inspection, Plan
 from bridge.diff import Diff
 from bridge.graph import Edge, Format
 from bridge.report import Report
+from bridge.suggest import Suggestion
 
 
 def dump(document: Any) -> None:
@@ -157,6 +159,16 @@ def plan_json(found: Plan) -> dict[str, Any]:
             for r in found.rows
         ],
         "report": report_json(found.report),
+        **({"suggestion": suggestion_json(found.suggestion)} if found.suggestion else {}),
+    }
+
+
+def suggestion_json(found: Suggestion) -> dict[str, Any]:
+    return {
+        "pairings": [dataclasses.asdict(p) | {"confidence": p.confidence} for p in found.pairings],
+        "ties": [dataclasses.asdict(tie) for tie in found.ties],
+        "evidence": found.counts(),
+        "rules_toml": found.to_toml(),
     }
 
 
@@ -172,6 +184,8 @@ def print_plan(found: Plan) -> None:
         row = (r.source or "(none)", r.target, r.transform or "-", str(r.shape), r.dtype)
         table.add_row(*row, f"{r.nbytes:,}")
     out.print(table)
+    if found.suggestion is not None:
+        out.print(str(found.suggestion), markup=False, highlight=False)
     out.print(str(found.report), markup=False, highlight=False)
 
 

@@ -250,6 +250,18 @@ class _Kernel:
         return [rule for rule in layouts if fits(rule, self.torch_shape, self.flax_shape)]
 
 
+def kernel_layouts(
+    torch_shape: Shape, flax_shape: Shape, torch_family: str | None, flax_family: str | None
+) -> list[str]:
+    """The layouts `convert` may choose between to lay a torch weight out as a Flax kernel
+    of `flax_shape` (the modules' own only, when both are known); for a convolution whose
+    kind nothing tells, every layout that fits (the conversion then asks which)."""
+    try:
+        return _Kernel(torch_shape, flax_shape, torch_family, flax_family).fitting()
+    except Ambiguous:
+        return [rule for rule in RULES if fits(rule, torch_shape, flax_shape)]
+
+
 class _NoFit(Exception):
     """No layout of the rule family gives the template's shape."""
 
@@ -326,7 +338,7 @@ def _by_parent(template: FlatState | None) -> PathLookup | None:
     return PathLookup(groups)
 
 
-def _hinter(modules: Mapping[str, str] | None) -> Callable[[Path], str | None]:
+def module_hints(modules: Mapping[str, str] | None) -> Callable[[Path], str | None]:
     """The caller's `modules={pattern: family}` as a lookup from a module's path: the
     torch module family of keys, over what a torch module says of itself."""
     compiled = [(re.compile(pattern), name) for pattern, name in (modules or {}).items()]
@@ -388,7 +400,7 @@ class _Planned:
 
 def to_flax(flat: FlatState, ctx: Context) -> FlatState:
     """torch-layout leaves -> Flax-layout leaves (the table read forwards)."""
-    hint = _hinter(ctx.options.get("modules"))
+    hint = module_hints(ctx.options.get("modules"))
     flat = {
         path: leaf.replace(module=hint(path[:-1]) or leaf.module) for path, leaf in flat.items()
     }
@@ -469,7 +481,7 @@ def _torch_role(role: str, leaf: Leaf, siblings: Mapping[str, Leaf] | None) -> s
 
 def to_torch(flat: FlatState, ctx: Context) -> FlatState:
     """Flax-layout leaves -> torch-layout leaves (the table read backwards)."""
-    hint = _hinter(ctx.options.get("modules"))
+    hint = module_hints(ctx.options.get("modules"))
     groups = _by_parent(ctx.template_flat)
 
     def siblings_of(parent: Path) -> dict[str, Leaf] | None:

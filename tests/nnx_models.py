@@ -11,7 +11,34 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import transformers
 from flax import nnx
+
+HF_CONFIGS = {
+    "llama": transformers.LlamaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rope_theta=5000.0,
+        tie_word_embeddings=False,
+        attn_implementation="eager",
+    ),
+    "bert": transformers.BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=16,
+        type_vocab_size=2,
+        attn_implementation="eager",
+    ),
+}
+"""Tiny configs of both, vocabulary 100, for tests that build them offline."""
 
 # --- Llama ------------------------------------------------------------------------------
 

@@ -38,30 +38,7 @@ def error_summary():
         print(f"\n  max abs error  {name:5} {given:11} {output:17} {error:.3e}", end="")
 
 
-CONFIGS = {
-    "llama": transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        rope_theta=5000.0,
-        tie_word_embeddings=False,
-        attn_implementation="eager",
-    ),
-    "bert": transformers.BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=16,
-        type_vocab_size=2,
-        attn_implementation="eager",
-    ),
-}
+CONFIGS = nnx_models.HF_CONFIGS
 HF_CLASSES = {"llama": transformers.LlamaForCausalLM, "bert": transformers.BertModel}
 NNX_CLASSES = {"llama": nnx_models.LlamaForCausalLM, "bert": nnx_models.BertModel}
 
