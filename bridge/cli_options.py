@@ -145,7 +145,7 @@ def _rename(path: str, number: int, entry: Any) -> tuple[str, str]:
     try:
         # the empty alternative matches "", so the replacement is expanded once
         re.compile(f"(?:{pattern})|").sub(replacement, "")
-    except re.error as error:
+    except (re.error, IndexError) as error:
         raise UsageError(
             f"{path}: [[rename]] #{number} (pattern {pattern!r}, replacement {replacement!r}): "
             f"not a regular expression rename: {error}",

@@ -129,7 +129,11 @@ def describe(leaf: Leaf) -> str:
 
 
 def _rename(rule: tuple[str, str], flat: FlatState, report: Report) -> FlatState:
-    pattern, replacement = re.compile(rule[0]), rule[1]
+    try:  # the empty alternative matches "", so the replacement is expanded once
+        pattern, replacement = re.compile(rule[0]), rule[1]
+        re.compile(f"(?:{rule[0]})|").sub(replacement, "")
+    except (re.error, IndexError, TypeError) as error:
+        raise FormatError(f"rule {rule!r}: not a regular expression rename: {error}") from None
     out: FlatState = {}
     for path, leaf in flat.items():
         key = pattern.sub(replacement, dotted(path))

@@ -129,3 +129,10 @@ def test_renames_apply_in_order_and_collisions_are_reported():
         bridge.convert(state, to="nnx_state", rules=[(r"^[ab]\.", "c.")])
     with pytest.raises(TypeError, match="not a rule"):
         bridge.convert(state, to="nnx_state", rules=[{"a": "b"}])
+
+
+@pytest.mark.parametrize("rule", [("(", "x"), ("a", r"\1"), ("(?P<n>a)", r"\g<m>")])
+def test_a_rename_that_is_no_regular_expression_rename_is_a_format_error(rule) -> None:
+    state = {"a.w": np.zeros(2, np.float32)}
+    with pytest.raises(bridge.FormatError, match="not a regular expression rename"):
+        bridge.convert(state, to="nnx_state", rules=[rule])
