@@ -67,7 +67,8 @@ def _run(
     hints = options.pop("hints", None) if auto else None
     ctx = Context(template, list(rules) if rules and not auto else None, strict, options)
     ctx.source = src
-    ctx.streaming = is_file_to_file(obj, options)
+    # one process streams; under jax.distributed every step is agreed, not batched
+    ctx.streaming = is_file_to_file(obj, options) and multihost.processes() == 1
     batch_bytes(ctx)  # a wrong size is refused before anything is read
     ctx.report.subject = f"{src}{_named(obj)} -> {to}"
     hops = GRAPH.route(src, to, ctx.satisfies())

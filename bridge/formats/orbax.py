@@ -682,6 +682,8 @@ def write(flat: FlatState, ctx: Context) -> Path:
     collection_first = ctx.source in COLLECTION_FIRST_SOURCES
     with multihost.together(f"{target}: laying out the Orbax tree"):
         names, leaves = _layout(flat, ctx, collection_first)
+        # read before any process meets Orbax, so a bad array fails every process alike
+        tree = None if ctx.streaming else _tree(track(flat, ctx, "reading"), names)
     custom = {
         DESCRIPTION_KEY: {
             "bridge_version": _bridge_version(),
@@ -701,7 +703,6 @@ def write(flat: FlatState, ctx: Context) -> Path:
                     partial.finalize(temp)
             else:
                 with ocp.StandardCheckpointer() as checkpointer:
-                    tree = _tree(track(flat, ctx, "reading"), names)
                     checkpointer.save(temp, tree, custom_metadata=custom)
         except FormatError:
             raise
