@@ -37,16 +37,7 @@ nnx_models = importlib.import_module("nnx_models")
 
 ROOT = Path(__file__).resolve().parent.parent
 LEFTOVER = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")
-CONFIG = transformers.LlamaConfig(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    tie_word_embeddings=False,
-)
+CONFIG = nnx_models.HF_CONFIGS["llama"]
 SMALL_BATCH = 20_000
 """Bytes per batch in these tests: a few tensors of the small Llama (16 KiB at most)."""
 
