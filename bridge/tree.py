@@ -290,9 +290,8 @@ def to_jax(value: Any, where: str, sharding: jax.sharding.Sharding | None = None
         return jax.device_put(value, sharding)
     if sharding is not None and len(sharding.device_set) > 1:
         shape = tuple(np.shape(value))
-        slices: dict[
-            tuple[Any, ...], np.ndarray
-        ] = {}  # devices holding the same slice share a read
+        # devices holding the same slice share a read
+        slices: dict[tuple[Any, ...], np.ndarray] = {}
 
         def read(index: tuple[slice, ...]) -> np.ndarray:
             key = tuple((part.start, part.stop, part.step) for part in index)
