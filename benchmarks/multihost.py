@@ -90,7 +90,8 @@ def worker(port: str, processes: str, index: str, directory: str, layers: str) -
         lambda: bridge.save(model, out / "model.safetensors", format="safetensors"),
     )
     timed("load orbax", lambda: bridge.load(out / "ckpt", to="nnx", template=template))
-    print("RESULT " + json.dumps({"index": int(index), "read": read, "times": times}), flush=True)
+    result = {"index": int(index), "read": read, "times": times}
+    (out / f"result{index}.json").write_text(json.dumps(result))  # gloo logs into stdout
 
 
 def run(processes: int, directory: Path, layers: int) -> tuple[float, list[dict]]:
@@ -126,7 +127,8 @@ def run(processes: int, directory: Path, layers: int) -> tuple[float, list[dict]
                 worker.wait()
     wall = time.perf_counter() - start
     assert all(worker.returncode == 0 for worker in workers), outputs
-    return wall, [json.loads(output.rsplit("RESULT ", 1)[1]) for output in outputs]
+    results = directory / f"out{processes}"
+    return wall, [json.loads((results / f"result{i}.json").read_text()) for i in range(processes)]
 
 
 def table(size: int, results: dict[int, tuple[float, list[dict]]]) -> str:

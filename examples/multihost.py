@@ -51,14 +51,16 @@ def worker(port: str, index: str) -> None:
     restored = bridge.load("checkpoint", to="nnx", template=template).up.kernel.get_value()
     pairs = zip(kernel.addressable_shards, restored.addressable_shards, strict=True)
     same = all(np.array_equal(a.data, b.data) for a, b in pairs)
-    if jax.process_index() == 0:
-        print(jax.process_count(), "processes,", jax.device_count(), "devices")
-        print("kernel", kernel.shape, "shards on this process:", len(kernel.addressable_shards))
-        print("Orbax round trip identical:", same)
+    if jax.process_index() == 0:  # to a file: gloo's log lines can land inside stdout's
+        with open("process0.txt", "w") as report:
+            print(jax.process_count(), "processes,", jax.device_count(), "devices", file=report)
+            shards = len(kernel.addressable_shards)
+            print("kernel", kernel.shape, "shards on this process:", shards, file=report)
+            print("Orbax round trip identical:", same, file=report)
 
 
 def launch() -> str:
-    """Both processes on this machine, on a free port; process 0's output."""
+    """Both processes on this machine, on a free port; what process 0 reported."""
     with socket.socket() as probe:
         probe.bind(("localhost", 0))
         port = str(probe.getsockname()[1])
@@ -66,6 +68,7 @@ def launch() -> str:
         subprocess.Popen(
             [sys.executable, __file__, port, str(index)],
             stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
             text=True,
             start_new_session=True,  # a process group of its own, killed whole below
         )
@@ -79,8 +82,8 @@ def launch() -> str:
                 os.killpg(worker.pid, signal.SIGKILL)
                 worker.wait()
     assert all(worker.returncode == 0 for worker in workers), outputs
-    lines = outputs[0].splitlines(keepends=True)
-    return "".join(line for line in lines if not line.startswith("[Gloo]"))  # gloo's own log
+    with open("process0.txt") as report:
+        return report.read()
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@ All processes load a Llama-shaped checkpoint (test_multihost.write_sources wrote
 DIRECTORY) into a model sharded over a (2, 4) mesh spanning the processes, check every
 shard they hold against the file and count the bytes they read; then save it to Orbax,
 safetensors and msgpack together, reload each and compare bit for bit; then fail on
-purpose, on one process or the other, and check every process raises. The last line
-printed is `RESULT {json}` with what the launcher checks across processes.
+purpose, on one process or the other, and check every process raises. What the launcher
+checks across processes goes to DIRECTORY/result{INDEX}.json, not to stdout, where gloo's
+own log lines can land in the middle of ours.
 """
 
 from __future__ import annotations
@@ -290,7 +291,7 @@ def main(port: str, processes: str, index: str, directory: str) -> None:
     assert not mu.is_fully_addressable and all(
         not np.asarray(s.data).any() for s in mu.addressable_shards
     )
-    print("RESULT " + json.dumps(result), flush=True)
+    (here / f"result{index}.json").write_text(json.dumps(result))
 
 
 if __name__ == "__main__":
