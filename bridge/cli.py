@@ -317,6 +317,18 @@ def convert(
         str | None,
         typer.Option("--batch-size", help="Bytes held at once converting a file: 64MB, 1GB."),
     ] = None,
+    max_shard_size: Annotated[
+        str | None,
+        typer.Option(
+            "--max-shard-size", help="safetensors: shards of at most this size (5GB) in DST/."
+        ),
+    ] = None,
+    no_config: Annotated[
+        bool,
+        typer.Option(
+            "--no-config", help="safetensors: no config.json from a transformers template."
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Convert SRC to format --to and write it at DST (atomically).
@@ -345,6 +357,14 @@ def convert(
             kwargs.update(path=dst, overwrite=overwrite)
         if batch_size is not None:
             kwargs["batch_bytes"] = batch_size
+        for flag, name, value in (
+            ("--max-shard-size", "max_shard_size", max_shard_size),
+            ("--no-config", "config", False if no_config else None),
+        ):
+            if value is not None:
+                if to != "safetensors":
+                    raise UsageError(f"{flag} is for --to safetensors, not --to {to}")
+                kwargs[name] = value
         result = bridge.convert(source, to=to, **kwargs)
         result, report = result if not strict else (result, Report())
         written = _save_torch(result, dst, overwrite) if torch_file else pathlib.Path(dst)

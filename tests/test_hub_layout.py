@@ -292,3 +292,36 @@ def test_transformers_4_directory_loads_into_a_transformers_5_template(
         "different": [],
         "extra": [],
     }
+
+
+def test_cli_shards_as_save_pretrained_and_writes_no_config_when_told(tmp_path: Path) -> None:
+    """`bridge convert --max-shard-size --no-config` with a transformers template: the
+    shards and index of `save_pretrained`, and no config files."""
+    from test_cli import run
+
+    model = build("gpt2")
+    model.save_pretrained(tmp_path / "reference", max_shard_size="20KB")
+    bridge.save(model, tmp_path / "bare", format="safetensors", config=False)
+    (tmp_path / "gpt2_template.py").write_text(
+        f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from hub_models import build, meta_twin\n"
+        "template = meta_twin(build('gpt2'))\n"
+    )
+    common = ["--to", "safetensors", "--template", "gpt2_template.py", "--max-shard-size", "20KB"]
+    done = run(tmp_path, "convert", "bare/model.safetensors", "out", *common, "--no-config")
+    assert done.returncode == 0, done.stderr
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    reference = json.loads((tmp_path / "reference" / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == reference["weight_map"]
+    shards = set(index["weight_map"].values())
+    assert set(os.listdir(tmp_path / "out")) == shards | {"model.safetensors.index.json"}
+    for shard in shards:
+        assert_same_tensors(
+            tensors(tmp_path / "out" / shard), tensors(tmp_path / "reference" / shard)
+        )
+
+    refused = run(
+        tmp_path, "convert", "bare/model.safetensors", "ckpt", "--to", "orbax", "--no-config"
+    )
+    assert refused.returncode == 2 and "--no-config is for --to safetensors" in refused.stderr
+    assert not (tmp_path / "ckpt").exists()
