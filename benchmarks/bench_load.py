@@ -16,7 +16,8 @@ measures each method in a fresh process (so nothing is cached or shared between 
 Memory is the peak of anonymous resident memory (RssAnon, sampled every 2 ms) above the
 process's baseline once jax is imported and the template is built: ru_maxrss would also
 count the checkpoint's mmap'd file pages, which the kernel can reclaim. Ratios are to
-(d) from the same run. `--record` writes benchmarks/RESULTS.md.
+(d) from the same run. `--record` writes its section of benchmarks/RESULTS.md (`make bench`
+and `make bench-large` each their own).
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+from results import record
 
-HERE = Path(__file__).parent
 VOCAB, HIDDEN, INTERMEDIATE = 32000, 1024, 2816
 PROJECTIONS = {
     "self_attn": {
@@ -486,7 +487,7 @@ def main() -> None:
     parser.add_argument("--size-gb", type=float, default=1.0)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
-    parser.add_argument("--record", action="store_true", help="write benchmarks/RESULTS.md")
+    parser.add_argument("--record", action="store_true", help="write into benchmarks/RESULTS.md")
     parser.add_argument("--shard-gb", type=float, help="write HF-style shards of this size")
     parser.add_argument("--repeat", type=int, default=3, help="runs per method (best time)")
     parser.add_argument("--run", help=argparse.SUPPRESS)
@@ -520,7 +521,8 @@ def main() -> None:
         report += [f"### {dtype}, {layers} layers", "", *table(results, size, bandwidth), ""]
     print("\n".join(report))
     if args.record:
-        (HERE / "RESULTS.md").write_text("# Benchmark results\n\n" + "\n".join(report))
+        heading = "Scale check: `make bench-large`" if args.shard_gb else "Loads: `make bench`"
+        record(f"{heading} (bench_load.py)", "\n".join(report))
 
 
 if __name__ == "__main__":
