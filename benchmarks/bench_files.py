@@ -18,8 +18,8 @@ process (best time, worst memory over `--repeat` runs).
 
 The Orbax checkpoint read is one the recipe wrote (a standard v0 checkpoint; bridge's
 streamed one where the recipe is not among `--cases`, as in `make bench-large`). `--record`
-appends the tables to benchmarks/RESULTS.md under their own heading, replacing an
-earlier run's.
+writes the tables into benchmarks/RESULTS.md, in their own section (`make bench-large`'s
+apart), replacing an earlier run's.
 """
 
 from __future__ import annotations
@@ -32,9 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_load import HERE, AnonPeak, build_model, generate, layer_count, machine
-
-HEADING = "## File to file (bench_files.py)"
+from bench_load import AnonPeak, build_model, generate, layer_count, machine
+from results import record
 
 
 def _template(layers: int):
@@ -143,7 +142,7 @@ def measure(case: str, source: Path, out: Path, layers: int, batch: str | None, 
     runs = []
     for _ in range(repeat):
         subprocess.run(["rm", "-rf", str(out)], check=True)
-        done = subprocess.run(command, capture_output=True, text=True, check=True, timeout=3600)
+        done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True, timeout=3600)
         runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
     subprocess.run(["rm", "-rf", str(out)], check=True)
     result = {
@@ -188,15 +187,13 @@ def main() -> None:
                 subprocess.run(
                     [sys.executable, __file__, "--run", maker, "--source", str(weights),
                      "--out", str(checkpoint), "--layers", str(layers)],
-                    check=True, capture_output=True, timeout=3600,
+                    check=True, stdout=subprocess.DEVNULL, timeout=3600,
                 )  # fmt: skip
             source = checkpoint if case.startswith("orbax") else weights
             out = work / ("out.safetensors" if case.startswith("orbax_to_st") else "out")
             results[case] = measure(case, source, out, layers, args.batch, args.repeat)
 
     lines = [
-        HEADING,
-        "",
         f"Machine: {machine()}",
         "",
         f"Command: `python benchmarks/bench_files.py --size-gb {args.size_gb} --repeat "
@@ -228,10 +225,10 @@ def main() -> None:
         lines.append("")
     print("\n".join(lines))
     if args.record:
-        results_file = HERE / "RESULTS.md"
-        text = results_file.read_text()
-        kept = text.split(HEADING)[0].rstrip("\n")
-        results_file.write_text(kept + "\n\n" + "\n".join(lines))
+        heading = (
+            "Scale check: `make bench-large`" if args.shard_gb else "File to file: `make bench`"
+        )
+        record(f"{heading} (bench_files.py)", "\n".join(lines))
 
 
 if __name__ == "__main__":
