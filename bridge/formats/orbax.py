@@ -36,7 +36,7 @@ import dataclasses
 import os
 import re
 import reprlib
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -55,7 +55,7 @@ from bridge.graph import (
     register_format,
     set_aside_training,
 )
-from bridge.stream import Fetched, Fetcher, batch_bytes, split
+from bridge.stream import Fetched, Fetcher, batch_bytes, release_freed_memory
 from bridge.tree import (
     MESH,
     TRAINING_FIELDS,
@@ -76,6 +76,8 @@ LEAF_FIELDS = {"kind": str | None, "ints": list, "metadata": dict, "transient": 
 RESERVED_METADATA = frozenset({"value", MESH})
 """Names no Variable metadata stored by bridge has: the value itself, and the mesh (no
 JSON holds a jax Mesh)."""
+MIN_RESTORE_BATCH = 4 * 2**20
+"""The smallest batch of a load: smaller Orbax calls cost more time than they save memory."""
 
 Key = str | int
 StoredPath = tuple[Key, ...]
@@ -473,6 +475,30 @@ class _Restorer(Fetcher):
         return [restored[array.entry.stored] for array in arrays]
 
 
+def _shrinking_batches(entries: list[_Entry], size: int) -> Iterator[list[_Entry]]:
+    """`entries` largest first, in batches of at most `size` bytes and at most half the
+    bytes not yet restored (`MIN_RESTORE_BATCH` at least; a larger array alone).
+
+    Orbax holds a batch twice while restoring it into jax arrays (tensorstore's host
+    buffer and the device copy): batches no larger than what remains keep the peak near
+    the checkpoint's own size, where fixed-size batches end one batch above it.
+    """
+    remaining = sum(entry.leaf.nbytes for entry in entries)
+    batch: list[_Entry] = []
+    held = limit = 0
+    for entry in sorted(entries, key=lambda entry: -entry.leaf.nbytes):
+        if batch and held + entry.leaf.nbytes > limit:
+            yield batch
+            remaining -= held
+            batch, held = [], 0
+        if not batch:
+            limit = max(MIN_RESTORE_BATCH, min(size, remaining // 2))
+        batch.append(entry)
+        held += entry.leaf.nbytes
+    if batch:
+        yield batch
+
+
 def read(obj: str | os.PathLike[str], ctx: Context) -> FlatState:
     """Restore the checkpoint's arrays (those `only=` selects): into the template's
     shardings where it gives them, as numpy arrays on the host otherwise, in batches of
@@ -493,15 +519,17 @@ def read(obj: str | os.PathLike[str], ctx: Context) -> FlatState:
         return {entry.path: entry.leaf.replace(value=lazy(entry)) for entry in scan.entries}
     template = {match_key(path): leaf for path, leaf in (ctx.template_flat or {}).items()}
     values: dict[tuple[str, StoredPath], Any] = {}
-    for item, directory in scan.checkpoint.items.items():
-        mine = [(entry, entry.leaf) for entry in scan.entries if entry.item == item]
-        for batch in split(mine, batch_bytes(ctx)):
+    for batch in _shrinking_batches(scan.entries, batch_bytes(ctx)):
+        for item, directory in scan.checkpoint.items.items():
             wanted = {
                 entry.stored: _restore_args(entry, template.get(match_key(entry.path)))
-                for entry, _ in batch
+                for entry in batch
+                if entry.item == item
             }
-            restored = _restore_item(directory, scan.trees[item], wanted)
-            values.update({(item, stored): value for stored, value in restored.items()})
+            if wanted:
+                restored = _restore_item(directory, scan.trees[item], wanted)
+                values.update({(item, stored): value for stored, value in restored.items()})
+        release_freed_memory()
     return {
         entry.path: entry.leaf.replace(value=values[entry.item, entry.stored])
         for entry in scan.entries
