@@ -28,7 +28,7 @@ from bridge.errors import FormatError
 from bridge.formats.orbax_locate import STEP_METADATA
 from bridge.graph import Context
 from bridge.progress import track
-from bridge.stream import batches
+from bridge.stream import batches, release_freed_memory
 from bridge.tree import (
     MESH,
     FlatState,
@@ -183,9 +183,13 @@ def _tree(leaves: Iterable[tuple[TreePath, Leaf]], names: dict[TreePath, tuple[P
 
 def _partial_save_context() -> ocp_v1.Context:
     """Orbax v1 options for partial saves: arrays stored as `StandardCheckpointer` stores
-    them (zarr v2; v1's zarr v3 default compresses about twice as slowly)."""
+    them (zarr v2; v1's zarr v3 default compresses about twice as slowly), and numpy
+    arrays written from where they are, not from a copy (Orbax copies them in case the
+    caller changes them during an async save: bridge's batch is its own and each save
+    is waited for)."""
     context = ocp_v1.Context()
     context.array.saving.use_zarr3 = False
+    context.memory.deepcopy_host_arrays = False
     return context
 
 
@@ -267,6 +271,7 @@ def write(flat: FlatState, ctx: Context) -> Path:
                     for run in batches(flat, ctx, "converting"):
                         partial.save(temp, _tree(run, names), custom_metadata=custom)
                         custom = None  # merged into the checkpoint's by later saves
+                        release_freed_memory()
                     partial.finalize(temp)
                 _as_standard(temp)
             else:
