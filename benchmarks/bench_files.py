@@ -16,10 +16,10 @@ process (best time, worst memory over `--repeat` runs).
   Orbax load             bridge.convert(ckpt, to="nnx", template=abstract model) against
                          ocp.StandardCheckpointer().restore(ckpt, nnx.state(template))
 
-The Orbax checkpoint read is one the recipe wrote (a standard v0 checkpoint; bridge's
-streamed one where the recipe is not among `--cases`, as in `make bench-large`). `--record`
-appends the tables to benchmarks/RESULTS.md under their own heading, replacing an
-earlier run's.
+The Orbax checkpoint read is one the recipe wrote, or where the recipe is not among
+`--cases` (as in `make bench-large`) bridge's streamed one: a standard v0 checkpoint
+both. `--record` appends the tables to benchmarks/RESULTS.md under their own heading,
+replacing an earlier run's.
 """
 
 from __future__ import annotations

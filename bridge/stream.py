@@ -161,8 +161,6 @@ def batches(flat: FlatState, ctx: Context, verb: str) -> Iterator[list[tuple[Pat
         finally:
             for array in held:
                 array._data = None
-            if held:
-                release_freed_memory()
     for _ in leaves:  # closes the bar
         pass
 

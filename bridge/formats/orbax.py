@@ -501,8 +501,8 @@ def _shrinking_batches(entries: list[_Entry], size: int) -> Iterator[list[_Entry
 
 def read(obj: str | os.PathLike[str], ctx: Context) -> FlatState:
     """Restore the checkpoint's arrays (those `only=` selects): into the template's
-    shardings where it gives them, as numpy arrays on the host otherwise, in batches of
-    `batch_bytes` (Orbax stages every array of one call in host memory at once).
+    shardings where it gives them, as numpy arrays on the host otherwise, in batches
+    (`_shrinking_batches`: Orbax stages every array of one call in host memory at once).
     Everything is restored before anything is returned, unless streaming: then each leaf
     is a lazy array restored with its batch when the writer gets to it."""
     scan = _scan(obj, ctx)
