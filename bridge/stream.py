@@ -88,9 +88,9 @@ def parse_size(size: int | str, option: str) -> int:
     return int(count)
 
 
-def batch_bytes(ctx: Context) -> int:
-    """The `batch_bytes=` option in bytes, or the default."""
-    return parse_size(ctx.options.get("batch_bytes", BATCH_BYTES), "batch_bytes")
+def batch_bytes(ctx: Context, default: int = BATCH_BYTES) -> int:
+    """The `batch_bytes=` option in bytes, or `default`."""
+    return parse_size(ctx.options.get("batch_bytes", default), "batch_bytes")
 
 
 def is_file_to_file(obj: Any, options: dict[str, Any]) -> bool:

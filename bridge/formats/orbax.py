@@ -76,6 +76,9 @@ LEAF_FIELDS = {"kind": str | None, "ints": list, "metadata": dict, "transient": 
 RESERVED_METADATA = frozenset({"value", MESH})
 """Names no Variable metadata stored by bridge has: the value itself, and the mesh (no
 JSON holds a jax Mesh)."""
+LOAD_BATCH_BYTES = 32 * 2**20
+"""A load's default batch: half the streaming default, as fast on this machine and
+0.02-0.05x of the checkpoint less memory at 1 GB (benchmarks/RESULTS.md)."""
 MIN_RESTORE_BATCH = 4 * 2**20
 """The smallest batch of a load: smaller Orbax calls cost more time than they save memory."""
 
@@ -519,7 +522,7 @@ def read(obj: str | os.PathLike[str], ctx: Context) -> FlatState:
         return {entry.path: entry.leaf.replace(value=lazy(entry)) for entry in scan.entries}
     template = {match_key(path): leaf for path, leaf in (ctx.template_flat or {}).items()}
     values: dict[tuple[str, StoredPath], Any] = {}
-    for batch in _shrinking_batches(scan.entries, batch_bytes(ctx)):
+    for batch in _shrinking_batches(scan.entries, batch_bytes(ctx, LOAD_BATCH_BYTES)):
         for item, directory in scan.checkpoint.items.items():
             wanted = {
                 entry.stored: _restore_args(entry, template.get(match_key(entry.path)))
