@@ -414,8 +414,9 @@ def test_a_partial_save_layout_bridge_does_not_know_is_refused(tmp_path, monkeyp
     safetensors.numpy.save_file(many_tensors(), file)
     original = partial.finalize
     monkeypatch.setattr(partial, "finalize", lambda path: original(path) or change(Path(path)))
-    with pytest.raises(FormatError, match="not the v1 layout bridge turns into a standard"):
+    with pytest.raises(FormatError, match="not the v1 layout bridge turns into a standard") as e:
         bridge.save(file, tmp_path / "out" / "ckpt", format="orbax", batch_bytes=SMALL_BATCH)
+    assert str(e.value).startswith(f"{tmp_path / 'out' / 'ckpt'}: ")
     assert list((tmp_path / "out").iterdir()) == []
 
 

@@ -62,6 +62,7 @@ Parts = tuple[str, ...]
 
 
 def is_key_dtype(dtype: Any) -> bool:
+    """Whether `dtype` is a typed PRNG key's (Orbax stores its key data instead)."""
     try:
         return jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
     except TypeError:
@@ -193,9 +194,9 @@ def _partial_save_context() -> ocp_v1.Context:
     return context
 
 
-def _as_standard(directory: Path) -> None:
+def _as_standard(directory: Path, target: Path) -> None:
     """Turn the finished partial save in `directory` into the checkpoint
-    `StandardCheckpointer` writes.
+    `StandardCheckpointer` writes (`target`: the checkpoint's name, for errors).
 
     A partial save has the v1 layout: the tree item in `state/`, written and finalized
     (per-process OCDBT stores merged) by the same `BasePyTreeCheckpointHandler` that
@@ -211,7 +212,7 @@ def _as_standard(directory: Path) -> None:
     lifted = {entry.name for entry in item.iterdir()} if item.is_dir() else set()
     if root != PARTIAL_SAVE_FILES or lifted & root or TREE_METADATA not in lifted:
         raise FormatError(
-            f"{directory}: Orbax's partial save wrote {sorted(root)} ({V1_ITEM}/: "
+            f"{target}: Orbax's partial save wrote {sorted(root)} ({V1_ITEM}/: "
             f"{sorted(lifted)}), not the v1 layout bridge turns into a standard checkpoint"
         )
     for name in lifted:
@@ -273,7 +274,7 @@ def write(flat: FlatState, ctx: Context) -> Path:
                         custom = None  # merged into the checkpoint's by later saves
                         release_freed_memory()
                     partial.finalize(temp)
-                _as_standard(temp)
+                _as_standard(temp, target)
             else:
                 with ocp.StandardCheckpointer() as checkpointer:
                     checkpointer.save(temp, tree, custom_metadata=custom)
