@@ -16,10 +16,10 @@ process (best time, worst memory over `--repeat` runs).
   Orbax load             bridge.convert(ckpt, to="nnx", template=abstract model) against
                          ocp.StandardCheckpointer().restore(ckpt, nnx.state(template))
 
-The Orbax checkpoint read is one the recipe wrote (a standard v0 checkpoint; bridge's
-streamed one where the recipe is not among `--cases`, as in `make bench-large`). `--record`
-writes the tables into benchmarks/RESULTS.md, in their own section (`make bench-large`'s
-apart), replacing an earlier run's.
+The Orbax checkpoint read is one the recipe wrote, or where the recipe is not among
+`--cases` (as in `make bench-large`) bridge's streamed one: a standard v0 checkpoint
+both. `--record` writes the tables into benchmarks/RESULTS.md, in their own section
+(`make bench-large`'s apart), replacing an earlier run's.
 """
 
 from __future__ import annotations

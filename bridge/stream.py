@@ -12,8 +12,10 @@ fetched together, and released once the writer moves on.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
 import os
+import sys
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
@@ -54,6 +56,20 @@ class Fetched(LazyArray):
         return np.asarray(data)[index]
 
 
+_LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
+
+
+def release_freed_memory() -> None:
+    """Hand the heap memory freed since the last call back to the system (glibc's
+    `malloc_trim`; nothing elsewhere). Orbax's reads and writes allocate each array's
+    buffers on tensorstore's threads, and glibc keeps what they free for reuse: without
+    this, a batch's freed buffers stay in the process after it (measured in
+    benchmarks/RESULTS.md)."""
+    trim = getattr(_LIBC, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
 def parse_size(size: int | str, option: str) -> int:
     """A size option in bytes: an int, or `"5GB"`, `"500MB"`, `"10KB"` (decimal units,
     as `huggingface_hub` parses them); a finite positive number of bytes."""
@@ -72,9 +88,9 @@ def parse_size(size: int | str, option: str) -> int:
     return int(count)
 
 
-def batch_bytes(ctx: Context) -> int:
-    """The `batch_bytes=` option in bytes, or the default."""
-    return parse_size(ctx.options.get("batch_bytes", BATCH_BYTES), "batch_bytes")
+def batch_bytes(ctx: Context, default: int = BATCH_BYTES) -> int:
+    """The `batch_bytes=` option in bytes, or `default`."""
+    return parse_size(ctx.options.get("batch_bytes", default), "batch_bytes")
 
 
 def is_file_to_file(obj: Any, options: dict[str, Any]) -> bool:

@@ -366,6 +366,42 @@ def test_skipped_arrays_are_not_read_at_all(tmp_path):
         FORMAT.read(str(tmp_path / "zarr"), Context())
 
 
+def test_a_load_restores_largest_first_in_batches_no_larger_than_what_remains(
+    tmp_path, monkeypatch
+):
+    """Orbax holds a batch twice while restoring it: batches shrink to half of what is
+    left to restore, largest arrays first, so the last batches are the small ones; the
+    arrays come back exact and in the checkpoint's order."""
+    sizes = [3000, 500, 12_000, 40, 7000, 7000, 9000, 100, 2500, 6000, 11_000, 800]
+    tree = {f"w{i}": _random(n, seed=i) for i, n in enumerate(sizes)}
+    bridge.save(tree, tmp_path / "ckpt", format="orbax", source="torch")
+    calls: list[list[int]] = []
+    original = orbax_format._restore_item
+
+    def restore(directory, stored_tree, wanted):
+        restored = original(directory, stored_tree, wanted)
+        calls.append([value.nbytes for value in restored.values()])
+        return restored
+
+    monkeypatch.setattr(orbax_format, "_restore_item", restore)
+    monkeypatch.setattr(orbax_format, "MIN_RESTORE_BATCH", 1)
+    flat = bridge.convert(tmp_path / "ckpt", to="torch", batch_bytes=40_000)
+    assert list(flat) == sorted(tree)  # the order Orbax keeps, not the restore order
+    for key, value in tree.items():
+        assert flat[key].numpy().tobytes() == value.tobytes(), key
+    order = [nbytes for call in calls for nbytes in call]
+    assert (
+        sorted(order, reverse=True)
+        == order
+        == sorted((a.nbytes for a in tree.values()), reverse=True)
+    )
+    remaining = sum(order)
+    for call in calls:
+        assert len(call) == 1 or sum(call) <= min(40_000, remaining // 2), (call, remaining)
+        remaining -= sum(call)
+    assert len(calls) > 4 and len(calls[-1]) == 1  # the last: small arrays, one by one
+
+
 # --- inspection ---------------------------------------------------------------------------
 
 

@@ -16,6 +16,7 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+import jax
 import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
@@ -64,11 +65,39 @@ def in_memory(monkeypatch: pytest.MonkeyPatch, call: Any) -> Any:
         return call()
 
 
-def restored(directory: Path) -> dict[str, Any]:
-    """The checkpoint's arrays as Orbax restores them (v0 layout or v1's `state/`)."""
-    item = directory / "state" if (directory / "state").is_dir() else directory
+def restored(directory: Path, target: Any = None) -> dict[str, Any]:
+    """The checkpoint's arrays as `StandardCheckpointer` restores them (into `target`, an
+    abstract tree, if given): bridge writes the standard v0 layout, streamed or not."""
     with ocp.StandardCheckpointer() as checkpointer:
-        return checkpointer.restore(item.absolute())
+        return checkpointer.restore(directory.absolute(), target)
+
+
+def abstract(tree: Any) -> Any:
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype), tree)
+
+
+DATA_FILE = re.compile(r"(ocdbt\.process_)[0-9a-f]+|(?<![^/])(d/)[0-9a-f]{32}$")
+"""What differs between two saves of the same tree: OCDBT's data files and per-process
+directories have random names (and a partial save makes one directory per batch)."""
+TIMESTAMPS = ("init_timestamp_nsecs", "commit_timestamp_nsecs")
+
+
+def files_and_metadata(directory: Path) -> tuple[set[str], dict[str, Any], dict[str, Any], str]:
+    """A checkpoint's file listing (data file names masked), its tree metadata, its
+    checkpoint metadata without timestamps, and its commit file naming the directory it
+    was committed as (bridge's temporary) masked."""
+    listing = {
+        DATA_FILE.sub(r"\1\2*", p.relative_to(directory).as_posix()) for p in directory.rglob("*")
+    }
+    step = json.loads((directory / "_CHECKPOINT_METADATA").read_text())
+    assert all(isinstance(step.pop(name), int) for name in TIMESTAMPS)
+    committed = (directory / "commit_success.txt").read_text()
+    return (
+        listing,
+        json.loads((directory / "_METADATA").read_text()),
+        step,
+        re.sub(r"/\S*$", "/...", committed),
+    )
 
 
 def custom_metadata(directory: Path) -> dict[str, Any]:
@@ -155,8 +184,14 @@ def test_safetensors_to_orbax_streams_what_the_in_memory_path_saves(tmp_path, mo
         lambda: bridge.save(directory, tmp_path / "memory", format="orbax", **options),
     )
     assert len(calls) > 3 and str(streamed_report) == str(memory_report)
-    assert_trees_equal(restored(tmp_path / "streamed"), restored(tmp_path / "memory"))
-    assert custom_metadata(tmp_path / "streamed") == custom_metadata(tmp_path / "memory")
+    # the standard v0 layout StandardCheckpointer writes: its files, metadata and arrays
+    streamed, memory = tmp_path / "streamed", tmp_path / "memory"
+    assert files_and_metadata(streamed) == files_and_metadata(memory)
+    assert not (streamed / "state").exists()
+    expected = restored(memory)
+    assert_trees_equal(restored(streamed), expected)
+    assert_trees_equal(restored(streamed, abstract(expected)), expected)
+    assert custom_metadata(streamed) == custom_metadata(memory)
     # readable without a template, kinds and int keys as saved
     model = bridge.load(tmp_path / "streamed", to="nnx", template=nnx_template())
     kernel = model.model.layers[0].self_attn.q_proj.kernel[...]
@@ -364,6 +399,27 @@ def _env() -> dict[str, str]:
     }
 
 
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda ckpt: (ckpt / "extra").write_text(""),  # a file bridge does not know of
+        lambda ckpt: (ckpt / "state" / "_METADATA").rename(ckpt / "_METADATA"),
+        lambda ckpt: (ckpt / "state" / "commit_success.txt").write_text(""),  # a collision
+    ],
+)
+def test_a_partial_save_layout_bridge_does_not_know_is_refused(tmp_path, monkeypatch, change):
+    """Should Orbax's partial save write another layout than the v1 one bridge turns into
+    a standard checkpoint, the conversion stops and leaves nothing under the target."""
+    file = tmp_path / "weights.safetensors"
+    safetensors.numpy.save_file(many_tensors(), file)
+    original = partial.finalize
+    monkeypatch.setattr(partial, "finalize", lambda path: original(path) or change(Path(path)))
+    with pytest.raises(FormatError, match="not the v1 layout bridge turns into a standard") as e:
+        bridge.save(file, tmp_path / "out" / "ckpt", format="orbax", batch_bytes=SMALL_BATCH)
+    assert str(e.value).startswith(f"{tmp_path / 'out' / 'ckpt'}: ")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 def test_cli_converts_a_file_into_a_checkpoint_in_batches(tmp_path):
     directory = tmp_path / "weights.safetensors"
     safetensors.numpy.save_file(many_tensors(), directory)
@@ -388,7 +444,10 @@ def test_cli_converts_a_file_into_a_checkpoint_in_batches(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["bytes"] == bridge.inspect(directory).nbytes
-    assert (tmp_path / "ckpt" / "state").is_dir()  # Orbax's partial save: the v1 layout
+    standard = jax.tree.leaves(restored(tmp_path / "ckpt"))  # a standard checkpoint
+    assert sorted(a.tobytes() for a in standard) == sorted(
+        a.tobytes() for a in many_tensors().values()
+    )
     assert_trees_equal(
         {k: v for k, v in sorted(bridge.convert(directory, to="torch").items())},
         {k: v for k, v in sorted(bridge.convert(str(tmp_path / "ckpt"), to="torch").items())},

@@ -13,11 +13,10 @@ or per-array zarr directories):
 An unfinished save (`<name>.orbax-checkpoint-tmp-*`) is refused; `orbax_locate` finds
 the checkpoint.
 
-Reading uses Orbax's stable top-level API (`PyTreeCheckpointHandler`), writing from
-memory too (`StandardCheckpointer`, as Flax's NNX checkpointing guide does). Converting
-a file into a checkpoint in batches needs Orbax's partial save, which only the v1 API
-has (`orbax.checkpoint.experimental.v1.partial`, "subject to change without notice"):
-that checkpoint has the v1 layout, read by v0 code (its `state/` item) and v1 alike.
+Reading uses Orbax's stable top-level API (`PyTreeCheckpointHandler`). Writing
+(`orbax_save`) gives the standard v0 checkpoint `StandardCheckpointer` writes, whether
+from memory or converting a file in batches (Orbax's partial save, its v1 layout turned
+into the v0 one).
 
 Orbax stores dict keys as strings and names arrays by joining keys with ".", so int keys
 come back as digit strings, and `{"a.b": x, "a": {"b": y}}` silently restores one of the
@@ -37,20 +36,18 @@ import dataclasses
 import os
 import re
 import reprlib
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-import orbax.checkpoint.experimental.v1 as ocp_v1
 from etils import epath
-from orbax.checkpoint.experimental.v1 import partial
 
-from bridge import multihost
 from bridge.errors import FormatError
 from bridge.formats.orbax_locate import STEP_METADATA, Checkpoint, detect, locate
+from bridge.formats.orbax_save import DESCRIPTION_KEY, LAYOUTS, is_key_dtype, write
 from bridge.graph import (
     Context,
     drop_transient,
@@ -58,40 +55,32 @@ from bridge.graph import (
     register_format,
     set_aside_training,
 )
-from bridge.progress import track
-from bridge.stream import Fetched, Fetcher, batch_bytes, batches, split
+from bridge.stream import Fetched, Fetcher, batch_bytes, release_freed_memory
 from bridge.tree import (
     MESH,
     TRAINING_FIELDS,
     FlatState,
     Leaf,
-    as_numpy,
-    check_nestable,
     dotted,
     index_of,
     is_linen_collection,
     is_training_state,
     match_key,
-    normalize_metadata,
     positions,
-    unflatten_mapping,
 )
 from bridge.tree import Path as TreePath
 
-DESCRIPTION_KEY = "bridge"
-"""The key of bridge's description in the checkpoint's custom metadata."""
-COLLECTION_FIRST_SOURCES = frozenset({"linen", "msgpack"})
-"""Sources whose users save `{collection: {...}}` trees; every other source is saved
-module-first, the way NNX users save `nnx.state(model)`."""
-UNSAFE_KEY_CHARACTERS = (".", "/")
-"""Orbax joins keys with "." into array names, and "/" separates storage paths."""
-LAYOUTS = ("module-first", "collection-first")
 DESCRIPTION_FIELDS = {"bridge_version": str, "source": str, "layout": str, "leaves": dict}
 LEAF_FIELDS = {"kind": str | None, "ints": list, "metadata": dict, "transient": bool, "key": bool}
 """The fields of bridge's description and of its record of each array, with their types."""
 RESERVED_METADATA = frozenset({"value", MESH})
 """Names no Variable metadata stored by bridge has: the value itself, and the mesh (no
 JSON holds a jax Mesh)."""
+LOAD_BATCH_BYTES = 32 * 2**20
+"""A load's default batch: half the streaming default, as fast on this machine and
+0.02-0.05x of the checkpoint less memory at 1 GB (benchmarks/RESULTS.md)."""
+MIN_RESTORE_BATCH = 4 * 2**20
+"""The smallest batch of a load: smaller Orbax calls cost more time than they save memory."""
 
 Key = str | int
 StoredPath = tuple[Key, ...]
@@ -417,13 +406,6 @@ def inspect(obj: str | os.PathLike[str], ctx: Context) -> FlatState:
 # --- restoring arrays -------------------------------------------------------------------
 
 
-def _is_key_dtype(dtype: Any) -> bool:
-    try:
-        return jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
-    except TypeError:
-        return False
-
-
 def _restore_args(entry: _Entry, like: Leaf | None) -> ocp.RestoreArgs:
     """How one array is restored: PRNG keys as jax arrays (Orbax re-wraps them), onto the
     template's sharding or the host; an array whose template leaf has the same shape and
@@ -431,7 +413,7 @@ def _restore_args(entry: _Entry, like: Leaf | None) -> ocp.RestoreArgs:
     has none), so the writer need not copy it again; anything else as numpy on the host
     (a leaf that does not fit its template is left for the matcher to report)."""
     sharding = getattr(like.value, "sharding", None) if like is not None else None
-    if entry.is_key or (like is not None and _is_key_dtype(like.dtype)):
+    if entry.is_key or (like is not None and is_key_dtype(like.dtype)):
         return ocp.ArrayRestoreArgs(
             restore_type=jax.Array,
             sharding=sharding
@@ -496,10 +478,34 @@ class _Restorer(Fetcher):
         return [restored[array.entry.stored] for array in arrays]
 
 
+def _shrinking_batches(entries: list[_Entry], size: int) -> Iterator[list[_Entry]]:
+    """`entries` largest first, in batches of at most `size` bytes and at most half the
+    bytes not yet restored (`MIN_RESTORE_BATCH` at least; a larger array alone).
+
+    Orbax holds a batch twice while restoring it into jax arrays (tensorstore's host
+    buffer and the device copy): batches no larger than what remains keep the peak near
+    the checkpoint's own size, where fixed-size batches end one batch above it.
+    """
+    remaining = sum(entry.leaf.nbytes for entry in entries)
+    batch: list[_Entry] = []
+    held = limit = 0
+    for entry in sorted(entries, key=lambda entry: -entry.leaf.nbytes):
+        if batch and held + entry.leaf.nbytes > limit:
+            yield batch
+            remaining -= held
+            batch, held = [], 0
+        if not batch:
+            limit = max(MIN_RESTORE_BATCH, min(size, remaining // 2))
+        batch.append(entry)
+        held += entry.leaf.nbytes
+    if batch:
+        yield batch
+
+
 def read(obj: str | os.PathLike[str], ctx: Context) -> FlatState:
     """Restore the checkpoint's arrays (those `only=` selects): into the template's
-    shardings where it gives them, as numpy arrays on the host otherwise, in batches of
-    `batch_bytes` (Orbax stages every array of one call in host memory at once).
+    shardings where it gives them, as numpy arrays on the host otherwise, in batches
+    (`_shrinking_batches`: Orbax stages every array of one call in host memory at once).
     Everything is restored before anything is returned, unless streaming: then each leaf
     is a lazy array restored with its batch when the writer gets to it."""
     scan = _scan(obj, ctx)
@@ -516,199 +522,21 @@ def read(obj: str | os.PathLike[str], ctx: Context) -> FlatState:
         return {entry.path: entry.leaf.replace(value=lazy(entry)) for entry in scan.entries}
     template = {match_key(path): leaf for path, leaf in (ctx.template_flat or {}).items()}
     values: dict[tuple[str, StoredPath], Any] = {}
-    for item, directory in scan.checkpoint.items.items():
-        mine = [(entry, entry.leaf) for entry in scan.entries if entry.item == item]
-        for batch in split(mine, batch_bytes(ctx)):
+    for batch in _shrinking_batches(scan.entries, batch_bytes(ctx, LOAD_BATCH_BYTES)):
+        for item, directory in scan.checkpoint.items.items():
             wanted = {
                 entry.stored: _restore_args(entry, template.get(match_key(entry.path)))
-                for entry, _ in batch
+                for entry in batch
+                if entry.item == item
             }
-            restored = _restore_item(directory, scan.trees[item], wanted)
-            values.update({(item, stored): value for stored, value in restored.items()})
+            if wanted:
+                restored = _restore_item(directory, scan.trees[item], wanted)
+                values.update({(item, stored): value for stored, value in restored.items()})
+        release_freed_memory()
     return {
         entry.path: entry.leaf.replace(value=values[entry.item, entry.stored])
         for entry in scan.entries
     }
-
-
-# --- writing ----------------------------------------------------------------------------
-
-
-def _to_json(value: Any) -> Any:
-    """Metadata as JSON (tuples as lists); a TypeError for what JSON cannot hold."""
-    if value is None or isinstance(value, str | bool | int | float):
-        return value
-    if isinstance(value, list | tuple):
-        return [_to_json(item) for item in value]
-    if isinstance(value, dict) and all(isinstance(key, str) for key in value):
-        return {key: _to_json(item) for key, item in value.items()}
-    raise TypeError(type(value).__name__)
-
-
-def _array(key: str, value: Any) -> Any:
-    """What Orbax is given: jax arrays as they are (sharded ones are saved per shard),
-    anything else as a numpy array."""
-    value = multihost.as_array(value)
-    if isinstance(value, jax.Array):
-        return value
-    array = as_numpy(key, value)
-    if array.dtype.kind in "OUS":
-        raise FormatError(f"{key!r}: Orbax stores numeric arrays, not dtype {array.dtype}")
-    return array
-
-
-def _check_keys(stored: list[tuple[StoredPath, tuple[Any, ...], str]]) -> None:
-    """Refuse, before anything is written, the keys Orbax would store ambiguously.
-
-    `stored` holds (key parts as saved, the leaf's own path, its dotted spelling).
-    """
-    by_name: dict[str, tuple[Any, ...]] = {}
-    for parts, path, _ in stored:
-        name = ".".join(parts)
-        if name in by_name:
-            raise FormatError(
-                f"keys {by_name[name]} and {path} would both be stored as Orbax array {name!r}: "
-                "Orbax joins nested keys with '.' and would restore one of the two arrays "
-                "under both keys; rename one with rules=..."
-            )
-        by_name[name] = path
-    for parts, _, key in stored:
-        if any(char in part for part in parts for char in UNSAFE_KEY_CHARACTERS):
-            raise FormatError(
-                f"{key!r}: a key part holds '.' or '/', which Orbax uses to name and store "
-                "arrays; it would be ambiguous in the checkpoint; rename it with rules=..."
-            )
-    check_nestable([parts for parts, _, _ in stored], "an Orbax checkpoint tree")
-
-
-def _leaf_description(
-    key: str, path: TreePath, leaf: Leaf, meshes: list[str], unstorable: list[str]
-) -> dict[str, Any]:
-    """What the saved tree loses of one leaf: kind, int key parts, metadata, PRNG-ness.
-    Only what JSON holds is kept; the rest is listed in `meshes` / `unstorable`."""
-    info: dict[str, Any] = {"kind": leaf.kind}
-    if ints := [index for index, part in enumerate(path) if isinstance(part, int)]:
-        info["ints"] = ints
-    metadata = {}
-    for name, value in normalize_metadata(leaf.metadata).items():
-        if name == MESH:
-            meshes.append(key)
-            continue
-        try:
-            metadata[name] = _to_json(value)
-        except TypeError as exc:
-            unstorable.append(f"{key}: {name} ({exc})")
-    if metadata:
-        info["metadata"] = metadata
-    if leaf.transient:
-        info["transient"] = True
-    if _is_key_dtype(leaf.dtype):
-        info["key"] = True
-    return info
-
-
-def _layout(
-    flat: FlatState, ctx: Context, collection_first: bool
-) -> tuple[dict[TreePath, tuple[StoredPath, str]], dict[str, Any]]:
-    """Each leaf's key path in the saved tree and its dotted spelling, and the description
-    of every leaf by array name; no array data is read."""
-    stored: list[tuple[StoredPath, tuple[Any, ...], str]] = []
-    leaves: dict[str, Any] = {}
-    meshes: list[str] = []
-    unstorable: list[str] = []
-    for path, leaf in flat.items():
-        if not path:
-            raise FormatError("a leaf without a key cannot be stored in an Orbax tree")
-        key = f"{leaf.kind or 'params'}/{dotted(path)}" if collection_first else dotted(path)
-        if leaf.is_abstract:
-            raise FormatError(f"{key!r} is abstract ({leaf.value}); it has no data to save")
-        collection = (leaf.kind or "params",) if collection_first else ()
-        parts = collection + tuple(map(str, path))
-        stored.append((parts, collection + path, key))
-        leaves[".".join(parts)] = _leaf_description(key, path, leaf, meshes, unstorable)
-    _check_keys(stored)
-    if meshes:
-        ctx.report.notes.append(
-            f"{len(meshes)} leaves' mesh not stored (a jax Mesh is no JSON; restore onto a mesh "
-            f"with a template that has shardings): {', '.join(meshes)}"
-        )
-    if unstorable:
-        ctx.report.notes.append(
-            f"metadata not stored (not JSON-serialisable): {'; '.join(unstorable)}"
-        )
-    return {path: (parts, key) for path, (parts, _, key) in zip(flat, stored, strict=True)}, leaves
-
-
-def _tree(
-    leaves: Iterable[tuple[TreePath, Leaf]], names: dict[TreePath, tuple[StoredPath, str]]
-) -> Any:
-    """The nested tree Orbax saves; lazy sources (a file being converted) are read here,
-    tensor by tensor."""
-    return unflatten_mapping(  # keys checked by _check_keys
-        {names[path][0]: _array(names[path][1], leaf.value) for path, leaf in leaves}
-    )
-
-
-def _partial_save_context() -> ocp_v1.Context:
-    """Orbax v1 options for partial saves: arrays stored as `StandardCheckpointer` stores
-    them (zarr v2; v1's zarr v3 default compresses about twice as slowly)."""
-    context = ocp_v1.Context()
-    context.array.saving.use_zarr3 = False
-    return context
-
-
-def _bridge_version() -> str:
-    import bridge  # the package imports this adapter, so only here is it complete
-
-    return bridge.__version__
-
-
-def write(flat: FlatState, ctx: Context) -> Path:
-    """Save to `ctx.options["path"]`, waiting until done: with `ocp.StandardCheckpointer`,
-    or, converting a file (`ctx.streaming`), batch by batch with Orbax's partial save
-    (`ocp.v1` layout: the tree in `state/`), so that memory holds one batch.
-
-    A checkpoint directory is one unit, as in Orbax: Orbax saves (into its own temporary,
-    then renamed) inside bridge's temporary directory, which takes the place of `path`
-    only once complete, so a failure leaves nothing at `path`. Under `jax.distributed`
-    every process calls this: they share one temporary (`multihost.shared_output`) and
-    Orbax's own multi-process save writes each process's shards. An existing `path` is
-    refused without `overwrite=True` (an empty directory counts as absent); with it, the
-    whole directory, whatever else it held, is swapped for the new checkpoint.
-    """
-    if ctx.options.get("path") is None:
-        raise FormatError("writing an Orbax checkpoint needs path=... (a directory)")
-    target = Path(os.fspath(ctx.options["path"]))
-    collection_first = ctx.source in COLLECTION_FIRST_SOURCES
-    with multihost.together(f"{target}: laying out the Orbax tree"):
-        names, leaves = _layout(flat, ctx, collection_first)
-        # read before any process meets Orbax, so a bad array fails every process alike
-        tree = None if ctx.streaming else _tree(track(flat, ctx, "reading"), names)
-    custom = {
-        DESCRIPTION_KEY: {
-            "bridge_version": _bridge_version(),
-            "source": ctx.source,
-            "layout": "collection-first" if collection_first else "module-first",
-            "leaves": leaves,
-        }
-    }
-    overwrite = bool(ctx.options.get("overwrite"))
-    with multihost.shared_output(target, overwrite=overwrite, directory=True) as temp:
-        try:
-            if ctx.streaming:
-                with _partial_save_context():
-                    for run in batches(flat, ctx, "converting"):
-                        partial.save(temp, _tree(run, names), custom_metadata=custom)
-                        custom = None  # merged into the checkpoint's by later saves
-                    partial.finalize(temp)
-            else:
-                with ocp.StandardCheckpointer() as checkpointer:
-                    checkpointer.save(temp, tree, custom_metadata=custom)
-        except FormatError:
-            raise
-        except Exception as exc:  # Orbax's own errors: unsupported leaves, I/O, ...
-            raise FormatError(f"{target}: Orbax could not save the checkpoint: {exc}") from exc
-    return target.absolute()
 
 
 # --- detection and registration ---------------------------------------------------------
