@@ -24,6 +24,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
+import time
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -125,8 +127,12 @@ def shared_output(
         if error is not None:
             raise error
     except BaseException as exc:
-        if output is not None:
-            output.__exit__(type(exc), exc, exc.__traceback__)
+        try:
+            if output is not None:
+                output.__exit__(type(exc), exc, exc.__traceback__)
+        finally:
+            if isinstance(exc, Exception):  # the others return once nothing is left
+                agree(f"{path}: removing the temporary")
         raise
 
     error = None
@@ -138,6 +144,56 @@ def shared_output(
     agree(f"{path}: moving into place", error)
     if error is not None:
         raise error
+
+
+POLL_SECONDS = 0.05
+"""How often a process waiting in `failing_together`'s barrier looks for a failure."""
+
+
+@contextlib.contextmanager
+def failing_together(name: str) -> Iterator[Callable[..., None] | None]:
+    """For a library's own multi-process step that meets in barriers with long timeouts
+    (Orbax's save: 20 minutes by default), a barrier to give it instead (Orbax's
+    `AsyncOptions(barrier_sync_fn=...)`): one that ends on every process as soon as any
+    process's block raised, with `PeerError` naming it, rather than at the timeout. An
+    error in the block is reported (under `name`, the same on every process, unique to
+    the step) and raised. With one process, None: the library's own barrier.
+
+    Reports and arrivals go through the runtime's key-value store, not a collective: a
+    process may wait in the library's barrier (in a thread of the library's) while
+    another has left the step."""
+    if processes() == 1:
+        yield None
+        return
+    # the runtime's client, as Orbax itself reaches it (jax has no public name for it)
+    client = jax._src.distributed.global_state.client
+    me = jax.process_index()
+
+    def raise_if_failed() -> None:
+        if failed := client.key_value_dir_get(f"bridge/{name}/failed/"):
+            listed = "; ".join(
+                f"process {key.rpartition('/')[2]}: {message}" for key, message in failed
+            )
+            raise PeerError(f"{name} failed on {len(failed)} of {processes()} processes: {listed}")
+
+    def barrier(*, key: str, timeout_ms: int) -> None:
+        arrived = f"bridge/{name}/barrier/{key}/"
+        client.key_value_set(f"{arrived}{me}", "")
+        deadline = time.monotonic() + timeout_ms / 1000
+        while len(client.key_value_dir_get(arrived)) < processes():
+            raise_if_failed()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name}: barrier {key!r} not met in {timeout_ms} ms")
+            time.sleep(POLL_SECONDS)
+
+    try:
+        yield barrier
+    except PeerError:  # another process's failure, reported already
+        raise
+    except Exception as exc:
+        message = f"{type(exc).__name__}: {exc}".encode()[:MESSAGE_BYTES].decode(errors="ignore")
+        client.key_value_set(f"bridge/{name}/failed/{me}", message)
+        raise
 
 
 def spans_processes(value: Any) -> bool:
@@ -158,7 +214,28 @@ class Gathered(LazyArray):
 
     def read(self, index: Any = ...) -> np.ndarray:
         _exchange(f"gather {self.number}")
-        return _gather(self.array)[index]
+        return _held(_gather(self.array))[index]
+
+
+gathered_bytes = 0
+"""Bytes of gathered arrays alive on this process (read by a writer, not yet freed)."""
+peak_gathered_bytes = 0
+"""The most `gathered_bytes` has been (since a test or benchmark set it to 0): how they
+see that a writer on process 0 holds one gathered array at a time, not the model."""
+
+
+def _held(array: np.ndarray) -> np.ndarray:
+    """`array`, counted in `gathered_bytes` until it (and every view of it) is freed."""
+    global gathered_bytes, peak_gathered_bytes
+    gathered_bytes += array.nbytes
+    peak_gathered_bytes = max(peak_gathered_bytes, gathered_bytes)
+    weakref.finalize(array, _freed, array.nbytes)
+    return array
+
+
+def _freed(nbytes: int) -> None:
+    global gathered_bytes
+    gathered_bytes -= nbytes
 
 
 def _gather(array: jax.Array) -> np.ndarray:

@@ -49,7 +49,7 @@ from etils import epath
 from orbax.checkpoint.experimental.v1 import partial
 
 from bridge import multihost
-from bridge.errors import FormatError
+from bridge.errors import BridgeError, FormatError
 from bridge.formats.orbax_locate import STEP_METADATA, Checkpoint, detect, locate
 from bridge.graph import (
     Context,
@@ -671,11 +671,10 @@ def write(flat: FlatState, ctx: Context) -> Path:
     A checkpoint directory is one unit, as in Orbax: Orbax saves (into its own temporary,
     then renamed) inside bridge's temporary directory, which takes the place of `path`
     only once complete, so a failure leaves nothing at `path`. Under `jax.distributed`
-    every process calls this: they share one temporary (`multihost.shared_output`) and
-    Orbax's own multi-process save writes each process's shards. An existing `path` is
-    refused without `overwrite=True` (an empty directory counts as absent); with it, the
-    whole directory, whatever else it held, is swapped for the new checkpoint.
-    """
+    every process calls this: they share one temporary (`multihost.shared_output`),
+    Orbax's multi-process save writes each one's shards, and a failure on one ends all.
+    An existing `path` is refused without `overwrite=True` (an empty directory counts as
+    absent); with it, the whole directory is swapped for the new checkpoint."""
     if ctx.options.get("path") is None:
         raise FormatError("writing an Orbax checkpoint needs path=... (a directory)")
     target = Path(os.fspath(ctx.options["path"]))
@@ -702,9 +701,12 @@ def write(flat: FlatState, ctx: Context) -> Path:
                         custom = None  # merged into the checkpoint's by later saves
                     partial.finalize(temp)
             else:
-                with ocp.StandardCheckpointer() as checkpointer:
-                    checkpointer.save(temp, tree, custom_metadata=custom)
-        except FormatError:
+                step = f"{target}: Orbax's save (into {temp.parent.name})"  # unique
+                with multihost.failing_together(step) as barrier:
+                    options = ocp.AsyncOptions(barrier_sync_fn=barrier)
+                    with ocp.StandardCheckpointer(async_options=options) as checkpointer:
+                        checkpointer.save(temp, tree, custom_metadata=custom)
+        except BridgeError:
             raise
         except Exception as exc:  # Orbax's own errors: unsupported leaves, I/O, ...
             raise FormatError(f"{target}: Orbax could not save the checkpoint: {exc}") from exc
