@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 import os
 import time
 import weakref
@@ -214,7 +215,7 @@ class Gathered(LazyArray):
 
     def read(self, index: Any = ...) -> np.ndarray:
         _exchange(f"gather {self.number}")
-        return _held(_gather(self.array))[index]
+        return _held(_gather(self.array, keep=True))[index]
 
 
 gathered_bytes = 0
@@ -238,8 +239,54 @@ def _freed(nbytes: int) -> None:
     gathered_bytes -= nbytes
 
 
-def _gather(array: jax.Array) -> np.ndarray:
-    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+def _gather(array: jax.Array, keep: bool) -> np.ndarray:
+    """The whole of `array` on this host if `keep` (the reader's process), else an empty
+    array: every process takes part in the gather, the reader alone keeps the data.
+
+    jax's `process_allgather` copies the whole array onto every device; where the mesh
+    has axes within each process, the copy is spread over them instead (each process
+    holds the array once, across its devices) and the reader joins its slices."""
+    spread = _spread_within_processes(array)
+    if spread is None:
+        whole = np.asarray(multihost_utils.process_allgather(array, tiled=True))
+        return whole if keep else np.empty(0, array.dtype)
+    copy = jax.jit(_identity, out_shardings=spread)(array)
+    if not keep:
+        copy.block_until_ready()
+        return np.empty(0, array.dtype)
+    whole = np.empty(array.shape, array.dtype)
+    joined = set()
+    for shard in copy.addressable_shards:  # devices along other axes hold the same slice
+        where = tuple((part.start, part.stop) for part in shard.index)
+        if where not in joined:
+            joined.add(where)
+            whole[shard.index] = np.asarray(shard.data)
+    return whole
+
+
+def _identity(array: jax.Array) -> jax.Array:
+    return array
+
+
+def _spread_within_processes(array: jax.Array) -> jax.sharding.NamedSharding | None:
+    """A sharding of `array`'s mesh that splits its first dimension the mesh's axes
+    within processes divide, over those axes, replicated along the others: every process
+    holds the whole array once. None where there is no such axis or dimension."""
+    sharding = array.sharding
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        return None
+    mesh = sharding.mesh
+    owners = np.vectorize(lambda device: device.process_index)(mesh.devices)
+    local = [
+        name
+        for axis, name in enumerate(mesh.axis_names)
+        if (owners == owners.take([0], axis=axis)).all() and mesh.shape[name] > 1
+    ]
+    count = math.prod(mesh.shape[name] for name in local)
+    for dim, size in enumerate(array.shape):
+        if local and size % count == 0:
+            return jax.sharding.NamedSharding(mesh, jax.P(*[None] * dim, tuple(local)))
+    return None
 
 
 _GATHERING: contextvars.ContextVar[list[jax.Array] | None] = contextvars.ContextVar(
@@ -298,7 +345,7 @@ def written_by_primary(write: Callable[[], T], result: T) -> T:
     while True:
         command = _exchange("")[0]
         if command.startswith("gather "):
-            _gather(arrays[int(command.removeprefix("gather "))])
+            _gather(arrays[int(command.removeprefix("gather "))], keep=False)
         elif command == "done":
             return result
         else:

@@ -283,6 +283,17 @@ def main(port: str, processes: str, index: str, directory: str) -> None:
     reference = flax_msgpack(model)
     if me == 0:
         result["msgpack identical"] = (out / "model.msgpack").read_bytes() == reference
+    # gathers where no mesh axis lies within a process, or no dimension divides by one
+    line = jax.sharding.NamedSharding(jax.make_mesh((8,), ("all",)), jax.P("all"))
+    everywhere = jax.sharding.NamedSharding(mesh, jax.P())
+    odd = {
+        "line": jax.device_put(np.arange(16, dtype=np.float32), line),
+        "six": jax.device_put(np.arange(6, dtype=np.int32), everywhere),
+    }
+    bridge.save(odd, here / "odd.safetensors", format="safetensors", source="nnx_state")
+    saved = load_file(here / "odd.safetensors")
+    assert saved["line"].tobytes() == np.arange(16, dtype=np.float32).tobytes(), saved
+    assert saved["six"].tobytes() == np.arange(6, dtype=np.int32).tobytes(), saved
     plan = str(bridge.plan(out / "model.msgpack", to="nnx", template=template))
     assert "each of the 2 processes parses the whole file" in plan, plan
     check_shards(
