@@ -225,7 +225,8 @@ def table(size: int, largest: int, results: dict[int, tuple[float, list[dict]]])
 def record(text: str) -> None:
     path = HERE / "RESULTS.md"
     current = path.read_text()
-    section = re.compile(r"\n### Many hosts: `make bench-multihost`.*?(?=\n### |\Z)", re.DOTALL)
+    # up to the next heading of any level: the sections after it are other benchmarks'
+    section = re.compile(r"\n### Many hosts: `make bench-multihost`.*?(?=\n##|\Z)", re.DOTALL)
     current = section.sub("", current).rstrip("\n") + "\n"
     path.write_text(current + "\n" + text + "\n")
 

@@ -8,7 +8,10 @@ With one process every function here is the plain single-process path. With seve
   left waiting in a later collective for one that gave up;
 - `shared_output` is `atomic_output` for a directory all processes write into (an Orbax
   checkpoint): process 0 makes the temporary and tells the others its name, and moves
-  it into place once every process has finished its part;
+  it into place once every process has finished its part (or, if any failed, once
+  the temporary is gone);
+- `failing_together` gives a library's own multi-process step (Orbax's save) barriers
+  that end on every process as soon as one reports a failure, not at their timeout;
 - `gathering` / `gathered` give a save's source arrays that span processes a number,
   the same on every process, and `written_by_primary` runs a single-file writer
   (safetensors, msgpack) on process 0 while the others serve it: each such array is
@@ -16,7 +19,8 @@ With one process every function here is the plain single-process path. With seve
   returns once the file is in place.
 
 Messages between processes are short texts exchanged with
-`multihost_utils.process_allgather`, one collective per step.
+`multihost_utils.process_allgather`, one collective per step, and, in
+`failing_together`'s barriers, entries in the runtime's key-value store.
 """
 
 from __future__ import annotations
