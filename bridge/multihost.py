@@ -10,8 +10,9 @@ With one process every function here is the plain single-process path. With seve
   checkpoint): process 0 makes the temporary and tells the others its name, and moves
   it into place once every process has finished its part (or, if any failed, once
   the temporary is gone);
-- `failing_together` gives a library's own multi-process step (Orbax's save) barriers
-  that end on every process as soon as one reports a failure, not at their timeout;
+- `failing_together` gives a library's own multi-process step (Orbax's save) a barrier
+  and a wait that end on every process as soon as one reports a failure, not at the
+  library's timeout;
 - `gathering` / `gathered` give a save's source arrays that span processes a number,
   the same on every process, and `written_by_primary` runs a single-file writer
   (safetensors, msgpack) on process 0 while the others serve it: each such array is
@@ -25,10 +26,12 @@ Messages between processes are short texts exchanged with
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import contextvars
 import math
 import os
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -151,53 +154,94 @@ def shared_output(
         raise error
 
 
+CANCEL_SECONDS = 10
+"""How long `Peers.wait` gives a library's cancelled work to end before leaving it."""
 POLL_SECONDS = 0.05
 """How often a process waiting in `failing_together`'s barrier looks for a failure."""
 
 
-@contextlib.contextmanager
-def failing_together(name: str) -> Iterator[Callable[..., None] | None]:
-    """For a library's own multi-process step that meets in barriers with long timeouts
-    (Orbax's save: 20 minutes by default), a barrier to give it instead (Orbax's
-    `AsyncOptions(barrier_sync_fn=...)`): one that ends on every process as soon as any
-    process's block raised, with `PeerError` naming it, rather than at the timeout. An
-    error in the block is reported (under `name`, the same on every process, unique to
-    the step) and raised. With one process, None: the library's own barrier.
+class Peers:
+    """The other processes of a library's own multi-process step (Orbax's save), as
+    `failing_together` gives them to it. `barrier` is one for the library to meet in
+    (Orbax's `AsyncOptions(barrier_sync_fn=...)`; None with one process: the library's
+    own); `wait(finish)` runs the library's wait for its background work. Both end with
+    `PeerError` as soon as another process reports a failure of the step, instead of
+    waiting for what that process will never do.
 
     Reports and arrivals go through the runtime's key-value store, not a collective: a
-    process may wait in the library's barrier (in a thread of the library's) while
-    another has left the step."""
-    if processes() == 1:
-        yield None
-        return
-    # the runtime's client, as Orbax itself reaches it (jax has no public name for it)
-    client = jax._src.distributed.global_state.client
-    me = jax.process_index()
+    process may wait in a thread of the library's while another has left the step."""
 
-    def raise_if_failed() -> None:
-        if failed := client.key_value_dir_get(f"bridge/{name}/failed/"):
+    def __init__(self, name: str) -> None:
+        self.name = name
+        # the runtime's client, as Orbax itself reaches it (jax has no public name for it)
+        self.client = jax._src.distributed.global_state.client if processes() > 1 else None
+        self.barrier = self._barrier if self.client is not None else None
+
+    def raise_if_failed(self) -> None:
+        if failed := self.client.key_value_dir_get(f"bridge/{self.name}/failed/"):
             listed = "; ".join(
                 f"process {key.rpartition('/')[2]}: {message}" for key, message in failed
             )
-            raise PeerError(f"{name} failed on {len(failed)} of {processes()} processes: {listed}")
+            raise PeerError(
+                f"{self.name} failed on {len(failed)} of {processes()} processes: {listed}"
+            )
 
-    def barrier(*, key: str, timeout_ms: int) -> None:
-        arrived = f"bridge/{name}/barrier/{key}/"
-        client.key_value_set(f"{arrived}{me}", "")
+    def report(self, error: Exception) -> None:
+        message = f"{type(error).__name__}: {error}".encode()[:MESSAGE_BYTES]
+        key = f"bridge/{self.name}/failed/{jax.process_index()}"
+        self.client.key_value_set(key, message.decode(errors="ignore"))
+
+    def _barrier(self, *, key: str, timeout_ms: int) -> None:
+        arrived = f"bridge/{self.name}/barrier/{key}/"
+        self.client.key_value_set(f"{arrived}{jax.process_index()}", "")
         deadline = time.monotonic() + timeout_ms / 1000
-        while len(client.key_value_dir_get(arrived)) < processes():
-            raise_if_failed()
+        while len(self.client.key_value_dir_get(arrived)) < processes():
+            self.raise_if_failed()
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{name}: barrier {key!r} not met in {timeout_ms} ms")
+                raise TimeoutError(f"{self.name}: barrier {key!r} not met in {timeout_ms} ms")
             time.sleep(POLL_SECONDS)
 
+    def wait(self, finish: Callable[[], None], cancel: Callable[[], None]) -> None:
+        """`finish()`; with several processes, in a thread of its own: if another process
+        fails meanwhile, `cancel()` (the library's own) and a moment for `finish` to end,
+        then `PeerError`."""
+        if self.client is None:
+            finish()
+            return
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                done.set_result(finish())
+            except BaseException as exc:
+                done.set_exception(exc)
+
+        threading.Thread(target=run, name=f"bridge: {self.name}", daemon=True).start()
+        while True:
+            try:
+                return done.result(timeout=POLL_SECONDS)
+            except concurrent.futures.TimeoutError:
+                try:
+                    self.raise_if_failed()
+                except PeerError:
+                    cancel()
+                    concurrent.futures.wait([done], timeout=CANCEL_SECONDS)
+                    raise
+
+
+@contextlib.contextmanager
+def failing_together(name: str) -> Iterator[Peers]:
+    """The `Peers` of a library's own multi-process step (Orbax's save): an error in the
+    block is reported to them (under `name`, the same on every process and unique to
+    the step) and raised, so that they stop waiting for this process."""
+    peers = Peers(name)
     try:
-        yield barrier
+        yield peers
     except PeerError:  # another process's failure, reported already
         raise
     except Exception as exc:
-        message = f"{type(exc).__name__}: {exc}".encode()[:MESSAGE_BYTES].decode(errors="ignore")
-        client.key_value_set(f"bridge/{name}/failed/{me}", message)
+        if peers.client is not None:
+            peers.report(exc)
         raise
 
 

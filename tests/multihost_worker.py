@@ -195,9 +195,9 @@ def expect_failure(failing: int, error: type, *args, **kwargs) -> str:
     raise AssertionError("no error")
 
 
-def orbax_fails_on_process_1(model: nnx.Module, path: Path) -> dict:
-    """Orbax's own array writer fails on process 1 alone: every process raises within
-    seconds (Orbax's barriers would wait 20 minutes), nothing is left at `path`."""
+def orbax_fails_on(failing: int, model: nnx.Module, path: Path) -> dict:
+    """Orbax's own array writer fails on process `failing` alone: every process raises
+    within seconds (Orbax's barriers would wait 20 minutes), nothing is left at `path`."""
     import orbax.checkpoint as ocp
 
     import bridge
@@ -205,14 +205,14 @@ def orbax_fails_on_process_1(model: nnx.Module, path: Path) -> dict:
     handler = ocp.type_handlers.ArrayHandler
     original = handler.serialize
 
-    async def failing(self, *args, **kwargs):
+    async def failing_serialize(self, *args, **kwargs):
         raise OSError("injected: no space left on device")
 
-    if jax.process_index() == 1:
-        handler.serialize = failing
+    if jax.process_index() == failing:
+        handler.serialize = failing_serialize
     start = time.monotonic()
     try:
-        message = expect_failure(1, bridge.FormatError, model, path, format="orbax")
+        message = expect_failure(failing, bridge.FormatError, model, path, format="orbax")
     finally:
         handler.serialize = original
     assert "injected: no space left on device" in message, message
@@ -324,7 +324,8 @@ def main(port: str, processes: str, index: str, directory: str) -> None:
     result["message orbax layout"] = expect_failure(
         1, bridge.FormatError, strings, out / "failed_ckpt", format="orbax", source="nnx_state"
     )
-    result["orbax own failure"] = orbax_fails_on_process_1(model, out / "failed_ckpt")
+    for failing in (1, 0):
+        result[f"orbax failure on {failing}"] = orbax_fails_on(failing, model, out / "failed_ckpt")
     assert sorted(p.name for p in out.iterdir()) == [
         "ckpt",
         "model.msgpack",

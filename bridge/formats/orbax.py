@@ -702,10 +702,15 @@ def write(flat: FlatState, ctx: Context) -> Path:
                     partial.finalize(temp)
             else:
                 step = f"{target}: Orbax's save (into {temp.parent.name})"  # unique
-                with multihost.failing_together(step) as barrier:
-                    options = ocp.AsyncOptions(barrier_sync_fn=barrier)
-                    with ocp.StandardCheckpointer(async_options=options) as checkpointer:
+                with multihost.failing_together(step) as peers:
+                    options = ocp.AsyncOptions(barrier_sync_fn=peers.barrier)
+                    checkpointer = ocp.StandardCheckpointer(async_options=options)
+                    try:
                         checkpointer.save(temp, tree, custom_metadata=custom)
+                    except BaseException:
+                        checkpointer.close()  # nothing left running in the background
+                        raise
+                    peers.wait(checkpointer.close, cancel=checkpointer.cancel)
         except BridgeError:
             raise
         except Exception as exc:  # Orbax's own errors: unsupported leaves, I/O, ...
