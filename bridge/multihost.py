@@ -317,9 +317,10 @@ def _identity(array: jax.Array) -> jax.Array:
 
 
 def _spread_within_processes(array: jax.Array) -> jax.sharding.NamedSharding | None:
-    """A sharding of `array`'s mesh that splits its first dimension the mesh's axes
-    within processes divide, over those axes, replicated along the others: every process
-    holds the whole array once. None where there is no such axis or dimension."""
+    """A sharding on `array`'s mesh under which every process holds the whole array
+    once: its first dimension that the mesh's axes within a process divide is split
+    over those axes, and it is replicated along the others. None where the mesh has no
+    axis within a process, or no dimension divides."""
     sharding = array.sharding
     if not isinstance(sharding, jax.sharding.NamedSharding):
         return None
