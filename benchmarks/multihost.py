@@ -6,15 +6,18 @@ processes with 4 each, the same (2, 4) mesh and the same checkpoint.
 Writes a checkpoint of `--layers` sharded (in, out) kernels (torch layout, so each is
 read through the transposed index) plus a replicated norm per layer, then runs the
 program once per process count. Each process loads the safetensors file into the
-sharded template, saves it to Orbax and to safetensors, and loads the Orbax checkpoint
-back, every step timed between barriers; bytes read are bridge's own count of the
-slices taken out of the file (`bridge.formats.safetensors.bytes_read`). `--record`
-writes the table into benchmarks/RESULTS.md.
+sharded template, saves it to Orbax, to safetensors and to msgpack, and loads the Orbax
+checkpoint back, every step timed between barriers; bytes read are bridge's own count of
+the slices taken out of the file (`bridge.formats.safetensors.bytes_read`). The
+single-file saves also record each process's peak RssAnon growth (sampled), to be set
+against the largest array (what a gathering writer must hold) and the checkpoint.
+`--record` writes the table into benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import platform
@@ -32,7 +35,12 @@ import numpy as np
 HERE = Path(__file__).parent
 HIDDEN = 1024
 DEVICES = 8
-STEPS = ("load safetensors", "save orbax", "save safetensors", "load orbax")
+STEPS = ("load safetensors", "save orbax", "save safetensors", "save msgpack", "load orbax")
+SINGLE_FILE = ("save safetensors", "save msgpack")
+GATHERS = ("gather: bridge", "gather: jax process_allgather")
+"""Every array gathered whole on the host, one at a time (bridge's first, so that it
+pays what comes first): bridge spreads the copy over each process's devices."""
+"""The saves process 0 writes alone, gathering: their memory is recorded too."""
 
 
 def worker(port: str, processes: str, index: str, directory: str, layers: str) -> None:
@@ -44,10 +52,12 @@ def worker(port: str, processes: str, index: str, directory: str, layers: str) -
         jax.distributed.initialize(
             f"localhost:{port}", num_processes=int(processes), process_id=int(index)
         )
+    from bench_load import AnonPeak
     from flax import nnx
     from jax.experimental import multihost_utils
 
     import bridge
+    from bridge import multihost
     from bridge.formats import safetensors as safetensors_format
 
     class Stack(nnx.Module):
@@ -69,11 +79,20 @@ def worker(port: str, processes: str, index: str, directory: str, layers: str) -
     mesh = jax.make_mesh((2, 4), ("data", "model"))
     template = nnx.merge(*nnx.get_abstract_model(lambda: Stack(nnx.Rngs(0)), mesh))
     times = {}
+    growth = {}
+    gathered = {}
+
+    libc = ctypes.CDLL("libc.so.6")
 
     def timed(step: str, call):
+        libc.malloc_trim(0)  # heap freed by earlier steps back to the system: a fair base
+        multihost.peak_gathered_bytes = 0
         multihost_utils.sync_global_devices(f"before {step}")
         start = time.perf_counter()
-        result = call()
+        with AnonPeak() as memory:
+            result = call()
+        growth[step] = memory.peak - memory.base
+        gathered[step] = multihost.peak_gathered_bytes
         jax.block_until_ready(jax.tree.leaves(nnx.state(result)) if step.startswith("load") else 0)
         multihost_utils.sync_global_devices(f"after {step}")
         times[step] = time.perf_counter() - start
@@ -89,8 +108,25 @@ def worker(port: str, processes: str, index: str, directory: str, layers: str) -
         "save safetensors",
         lambda: bridge.save(model, out / "model.safetensors", format="safetensors"),
     )
+    timed("save msgpack", lambda: bridge.save(model, out / "model.msgpack", format="msgpack"))
     timed("load orbax", lambda: bridge.load(out / "ckpt", to="nnx", template=template))
-    result = {"index": int(index), "read": read, "times": times}
+    if int(processes) > 1:  # the gathers alone, every array once, one at a time
+        arrays = jax.tree.leaves(nnx.state(model))
+        primary = jax.process_index() == 0
+        timed(GATHERS[0], lambda: [multihost._gather(a, keep=primary).size for a in arrays])
+        timed(
+            GATHERS[1],
+            lambda: [
+                np.asarray(multihost_utils.process_allgather(a, tiled=True)).size for a in arrays
+            ],
+        )
+    result = {
+        "index": int(index),
+        "read": read,
+        "times": times,
+        "growth": growth,
+        "gathered": gathered,
+    }
     (out / f"result{index}.json").write_text(json.dumps(result))  # gloo logs into stdout
 
 
@@ -131,7 +167,7 @@ def run(processes: int, directory: Path, layers: int) -> tuple[float, list[dict]
     return wall, [json.loads((results / f"result{i}.json").read_text()) for i in range(processes)]
 
 
-def table(size: int, results: dict[int, tuple[float, list[dict]]]) -> str:
+def table(size: int, largest: int, results: dict[int, tuple[float, list[dict]]]) -> str:
     base_wall, base = results[1]
     header = (
         "| processes | wall s (program) | bytes read per process | x checkpoint | "
@@ -139,6 +175,15 @@ def table(size: int, results: dict[int, tuple[float, list[dict]]]) -> str:
         + " |"
     )
     lines = [header, "|" + "---:|" * (4 + len(STEPS))]
+    memory = [
+        "| processes | "
+        + " | ".join(
+            f"{step}: RssAnon growth per process | gathered arrays held at once"
+            for step in SINGLE_FILE
+        )
+        + " |",
+        "|" + "---:|" * (1 + 2 * len(SINGLE_FILE)),
+    ]
     for count, (wall, per_process) in sorted(results.items()):
         reads = ", ".join(f"{r['read'] / 1e6:.1f} MB" for r in per_process)
         ratio = max(r["read"] for r in per_process) / size
@@ -151,13 +196,37 @@ def table(size: int, results: dict[int, tuple[float, list[dict]]]) -> str:
             )
             + " |"
         )
-    return "\n".join(lines)
+        cells = []
+        for step in SINGLE_FILE:
+            cells.append(
+                ", ".join(
+                    f"{r['growth'][step] / 1e6:.0f} MB ({r['growth'][step] / largest:.1f}x)"
+                    for r in per_process
+                )
+            )
+            held = per_process[0]["gathered"][step]
+            cells.append(f"{held / 1e6:.1f} MB ({held / largest:.1f}x)" if count > 1 else "-")
+        memory.append(f"| {count} | " + " | ".join(cells) + " |")
+    gathers = [
+        "| gathering every array once | time s | RssAnon growth per process |",
+        "|---|---:|---:|",
+    ]
+    for step in GATHERS:
+        per_process = results[2][1]
+        growth = ", ".join(
+            f"{r['growth'][step] / 1e6:.0f} MB ({r['growth'][step] / largest:.1f}x)"
+            for r in per_process
+        )
+        seconds = max(r["times"][step] for r in per_process)
+        gathers.append(f"| {step} (2 processes) | {seconds:.2f} | {growth} |")
+    return "\n\n".join("\n".join(table) for table in (lines, memory, gathers))
 
 
 def record(text: str) -> None:
     path = HERE / "RESULTS.md"
     current = path.read_text()
-    section = re.compile(r"\n### Many hosts: `make bench-multihost`.*?(?=\n### |\Z)", re.DOTALL)
+    # up to the next heading of any level: the sections after it are other benchmarks'
+    section = re.compile(r"\n### Many hosts: `make bench-multihost`.*?(?=\n##|\Z)", re.DOTALL)
     current = section.sub("", current).rstrip("\n") + "\n"
     path.write_text(current + "\n" + text + "\n")
 
@@ -179,6 +248,7 @@ def main() -> None:
             state[f"norms.{i}.weight"] = rng.normal(size=HIDDEN).astype(np.float32)
         save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
         size = sum(value.nbytes for value in state.values())
+        largest = max(value.nbytes for value in state.values())
         del state
         results = {count: run(count, directory, layers) for count in (1, 2)}
     text = (
@@ -190,7 +260,11 @@ def main() -> None:
         "devices: 1 process holding all 8, or 2 processes of 4 (gloo). Step times are the "
         "slowest process's, between barriers; ratios to 1 process in the same run. Orbax "
         "saves split the writing between the processes; a single-file save is written by "
-        "process 0, which gathers the arrays over gloo one at a time.\n\n" + table(size, results)
+        "process 0, which gathers the arrays over gloo one at a time; their memory is the "
+        "peak RssAnon growth of each process (sampled every 2 ms, the heap trimmed before "
+        "each step) during the save, and the most bytes of gathered arrays process 0 held "
+        "at once (`bridge.multihost.peak_gathered_bytes`), both against the largest array "
+        f"({largest / 1e6:.1f} MB).\n\n" + table(size, largest, results)
     )
     print(text)
     if args.record:

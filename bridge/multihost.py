@@ -8,7 +8,11 @@ With one process every function here is the plain single-process path. With seve
   left waiting in a later collective for one that gave up;
 - `shared_output` is `atomic_output` for a directory all processes write into (an Orbax
   checkpoint): process 0 makes the temporary and tells the others its name, and moves
-  it into place once every process has finished its part;
+  it into place once every process has finished its part (or, if any failed, once
+  the temporary is gone);
+- `failing_together` gives a library's own multi-process step (Orbax's save) a barrier
+  and a wait that end on every process as soon as one reports a failure, not at the
+  library's timeout;
 - `gathering` / `gathered` give a save's source arrays that span processes a number,
   the same on every process, and `written_by_primary` runs a single-file writer
   (safetensors, msgpack) on process 0 while the others serve it: each such array is
@@ -16,14 +20,20 @@ With one process every function here is the plain single-process path. With seve
   returns once the file is in place.
 
 Messages between processes are short texts exchanged with
-`multihost_utils.process_allgather`, one collective per step.
+`multihost_utils.process_allgather`, one collective per step, and, in
+`failing_together`'s barriers, entries in the runtime's key-value store.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import contextvars
+import math
 import os
+import threading
+import time
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -125,8 +135,12 @@ def shared_output(
         if error is not None:
             raise error
     except BaseException as exc:
-        if output is not None:
-            output.__exit__(type(exc), exc, exc.__traceback__)
+        try:
+            if output is not None:
+                output.__exit__(type(exc), exc, exc.__traceback__)
+        finally:
+            if isinstance(exc, Exception):  # the others return once nothing is left
+                agree(f"{path}: removing the temporary")
         raise
 
     error = None
@@ -138,6 +152,97 @@ def shared_output(
     agree(f"{path}: moving into place", error)
     if error is not None:
         raise error
+
+
+CANCEL_SECONDS = 10
+"""How long `Peers.wait` gives a library's cancelled work to end before leaving it."""
+POLL_SECONDS = 0.05
+"""How often a process waiting in `failing_together`'s barrier looks for a failure."""
+
+
+class Peers:
+    """The other processes of a library's own multi-process step (Orbax's save), as
+    `failing_together` gives them to it. `barrier` is one for the library to meet in
+    (Orbax's `AsyncOptions(barrier_sync_fn=...)`; None with one process: the library's
+    own); `wait(finish)` runs the library's wait for its background work. Both end with
+    `PeerError` as soon as another process reports a failure of the step, instead of
+    waiting for what that process will never do.
+
+    Reports and arrivals go through the runtime's key-value store, not a collective: a
+    process may wait in a thread of the library's while another has left the step."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        # the runtime's client, as Orbax itself reaches it (jax has no public name for it)
+        self.client = jax._src.distributed.global_state.client if processes() > 1 else None
+        self.barrier = self._barrier if self.client is not None else None
+
+    def raise_if_failed(self) -> None:
+        if failed := self.client.key_value_dir_get(f"bridge/{self.name}/failed/"):
+            listed = "; ".join(
+                f"process {key.rpartition('/')[2]}: {message}" for key, message in failed
+            )
+            raise PeerError(
+                f"{self.name} failed on {len(failed)} of {processes()} processes: {listed}"
+            )
+
+    def report(self, error: Exception) -> None:
+        message = f"{type(error).__name__}: {error}".encode()[:MESSAGE_BYTES]
+        key = f"bridge/{self.name}/failed/{jax.process_index()}"
+        self.client.key_value_set(key, message.decode(errors="ignore"))
+
+    def _barrier(self, *, key: str, timeout_ms: int) -> None:
+        arrived = f"bridge/{self.name}/barrier/{key}/"
+        self.client.key_value_set(f"{arrived}{jax.process_index()}", "")
+        deadline = time.monotonic() + timeout_ms / 1000
+        while len(self.client.key_value_dir_get(arrived)) < processes():
+            self.raise_if_failed()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name}: barrier {key!r} not met in {timeout_ms} ms")
+            time.sleep(POLL_SECONDS)
+
+    def wait(self, finish: Callable[[], None], cancel: Callable[[], None]) -> None:
+        """`finish()`; with several processes, in a thread of its own: if another process
+        fails meanwhile, `cancel()` (the library's own) and a moment for `finish` to end,
+        then `PeerError`."""
+        if self.client is None:
+            finish()
+            return
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                done.set_result(finish())
+            except BaseException as exc:
+                done.set_exception(exc)
+
+        threading.Thread(target=run, name=f"bridge: {self.name}", daemon=True).start()
+        while True:
+            try:
+                return done.result(timeout=POLL_SECONDS)
+            except concurrent.futures.TimeoutError:
+                try:
+                    self.raise_if_failed()
+                except PeerError:
+                    cancel()
+                    concurrent.futures.wait([done], timeout=CANCEL_SECONDS)
+                    raise
+
+
+@contextlib.contextmanager
+def failing_together(name: str) -> Iterator[Peers]:
+    """The `Peers` of a library's own multi-process step (Orbax's save): an error in the
+    block is reported to them (under `name`, the same on every process and unique to
+    the step) and raised, so that they stop waiting for this process."""
+    peers = Peers(name)
+    try:
+        yield peers
+    except PeerError:  # another process's failure, reported already
+        raise
+    except Exception as exc:
+        if peers.client is not None:
+            peers.report(exc)
+        raise
 
 
 def spans_processes(value: Any) -> bool:
@@ -158,11 +263,79 @@ class Gathered(LazyArray):
 
     def read(self, index: Any = ...) -> np.ndarray:
         _exchange(f"gather {self.number}")
-        return _gather(self.array)[index]
+        return _held(_gather(self.array, keep=True))[index]
 
 
-def _gather(array: jax.Array) -> np.ndarray:
-    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+gathered_bytes = 0
+"""Bytes of gathered arrays alive on this process (read by a writer, not yet freed)."""
+peak_gathered_bytes = 0
+"""The most `gathered_bytes` has been (since a test or benchmark set it to 0): how they
+see that a writer on process 0 holds one gathered array at a time, not the model."""
+
+
+def _held(array: np.ndarray) -> np.ndarray:
+    """`array`, counted in `gathered_bytes` until it (and every view of it) is freed."""
+    global gathered_bytes, peak_gathered_bytes
+    gathered_bytes += array.nbytes
+    peak_gathered_bytes = max(peak_gathered_bytes, gathered_bytes)
+    weakref.finalize(array, _freed, array.nbytes)
+    return array
+
+
+def _freed(nbytes: int) -> None:
+    global gathered_bytes
+    gathered_bytes -= nbytes
+
+
+def _gather(array: jax.Array, keep: bool) -> np.ndarray:
+    """The whole of `array` on this host if `keep` (the reader's process), else an empty
+    array: every process takes part in the gather, the reader alone keeps the data.
+
+    jax's `process_allgather` copies the whole array onto every device; where the mesh
+    has axes within each process, the copy is spread over them instead (each process
+    holds the array once, across its devices) and the reader joins its slices."""
+    spread = _spread_within_processes(array)
+    if spread is None:
+        whole = np.asarray(multihost_utils.process_allgather(array, tiled=True))
+        return whole if keep else np.empty(0, array.dtype)
+    copy = jax.jit(_identity, out_shardings=spread)(array)
+    if not keep:
+        copy.block_until_ready()
+        return np.empty(0, array.dtype)
+    whole = np.empty(array.shape, array.dtype)
+    joined = set()
+    for shard in copy.addressable_shards:  # devices along other axes hold the same slice
+        where = tuple((part.start, part.stop) for part in shard.index)
+        if where not in joined:
+            joined.add(where)
+            whole[shard.index] = np.asarray(shard.data)
+    return whole
+
+
+def _identity(array: jax.Array) -> jax.Array:
+    return array
+
+
+def _spread_within_processes(array: jax.Array) -> jax.sharding.NamedSharding | None:
+    """A sharding on `array`'s mesh under which every process holds the whole array
+    once: its first dimension that the mesh's axes within a process divide is split
+    over those axes, and it is replicated along the others. None where the mesh has no
+    axis within a process, or no dimension divides."""
+    sharding = array.sharding
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        return None
+    mesh = sharding.mesh
+    owners = np.vectorize(lambda device: device.process_index)(mesh.devices)
+    local = [
+        name
+        for axis, name in enumerate(mesh.axis_names)
+        if (owners == owners.take([0], axis=axis)).all() and mesh.shape[name] > 1
+    ]
+    count = math.prod(mesh.shape[name] for name in local)
+    for dim, size in enumerate(array.shape):
+        if local and size % count == 0:
+            return jax.sharding.NamedSharding(mesh, jax.P(*[None] * dim, tuple(local)))
+    return None
 
 
 _GATHERING: contextvars.ContextVar[list[jax.Array] | None] = contextvars.ContextVar(
@@ -221,7 +394,7 @@ def written_by_primary(write: Callable[[], T], result: T) -> T:
     while True:
         command = _exchange("")[0]
         if command.startswith("gather "):
-            _gather(arrays[int(command.removeprefix("gather "))])
+            _gather(arrays[int(command.removeprefix("gather "))], keep=False)
         elif command == "done":
             return result
         else:

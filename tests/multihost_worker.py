@@ -3,9 +3,11 @@ PROCESSES INDEX DIRECTORY`, with 4 CPU devices (XLA_FLAGS set by the launcher).
 
 All processes load a Llama-shaped checkpoint (test_multihost.write_sources wrote it in
 DIRECTORY) into a model sharded over a (2, 4) mesh spanning the processes, check every
-shard they hold against the file and count the bytes they read; then save it to Orbax,
-safetensors and msgpack together, reload each and compare bit for bit; then fail on
-purpose, on one process or the other, and check every process raises. What the launcher
+shard they hold against the file and count the bytes they read (safetensors and .pt);
+then save it to Orbax, safetensors and msgpack together, reload each and compare bit
+for bit (msgpack against flax.serialization's bytes, and the gathered bytes process 0
+held at once); then fail on purpose, on one process or the other, in bridge or inside
+Orbax's own save, and check every process raises, promptly. What the launcher
 checks across processes goes to DIRECTORY/result{INDEX}.json, not to stdout, where gloo's
 own log lines can land in the middle of ours.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -152,6 +155,32 @@ def own_bytes(template: nnx.Module) -> int:
     return total
 
 
+def linen_names(parts: list[str]) -> tuple[str, ...]:
+    """`["layers", "0", "mlp"]` -> `("layers_0", "mlp")`: Linen names list items so."""
+    named: list[str] = []
+    for part in parts:
+        if part.isdigit():
+            named[-1] = f"{named[-1]}_{part}"
+        else:
+            named.append(part)
+    return tuple(named)
+
+
+def flax_msgpack(model: nnx.Module) -> bytes:
+    """What `flax.serialization.msgpack_serialize` makes of the model's Linen variables,
+    each array gathered whole by jax itself (every process takes part)."""
+    from flax import serialization, traverse_util
+    from jax.experimental import multihost_utils
+
+    flat = {
+        ("params", *linen_names(key.split("."))): np.asarray(
+            multihost_utils.process_allgather(array, tiled=True)
+        )
+        for key, array in leaves(model).items()
+    }
+    return serialization.msgpack_serialize(traverse_util.unflatten_dict(flat))
+
+
 def expect_failure(failing: int, error: type, *args, **kwargs) -> str:
     """`bridge.save(*args, **kwargs)` raises on every process: `error` on process
     `failing`, `PeerError` on the others. Returns the message this process got."""
@@ -166,6 +195,30 @@ def expect_failure(failing: int, error: type, *args, **kwargs) -> str:
     raise AssertionError("no error")
 
 
+def orbax_fails_on(failing: int, model: nnx.Module, path: Path) -> dict:
+    """Orbax's own array writer fails on process `failing` alone: every process raises
+    within seconds (Orbax's barriers would wait 20 minutes), nothing is left at `path`."""
+    import orbax.checkpoint as ocp
+
+    import bridge
+
+    handler = ocp.type_handlers.ArrayHandler
+    original = handler.serialize
+
+    async def failing_serialize(self, *args, **kwargs):
+        raise OSError("injected: no space left on device")
+
+    if jax.process_index() == failing:
+        handler.serialize = failing_serialize
+    start = time.monotonic()
+    try:
+        message = expect_failure(failing, bridge.FormatError, model, path, format="orbax")
+    finally:
+        handler.serialize = original
+    assert "injected: no space left on device" in message, message
+    return {"seconds": time.monotonic() - start, "message": message, "left": path.exists()}
+
+
 def main(port: str, processes: str, index: str, directory: str) -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
@@ -176,7 +229,9 @@ def main(port: str, processes: str, index: str, directory: str) -> None:
     )
     print(STARTED, flush=True)
     import bridge
+    from bridge import multihost
     from bridge.formats import safetensors as safetensors_format
+    from bridge.formats import torch as torch_format
 
     here = Path(directory)
     me = jax.process_index()
@@ -194,7 +249,10 @@ def main(port: str, processes: str, index: str, directory: str) -> None:
         model = bridge.load(here / name, to="nnx", template=template)
         result[f"read {name}"] = safetensors_format.bytes_read - before
         check_shards(model, expected, name)
-    check_shards(bridge.load(here / "model.pt", to="nnx", template=template), expected, ".pt")
+    before = torch_format.bytes_read
+    model_pt = bridge.load(here / "model.pt", to="nnx", template=template)
+    result["read model.pt"] = torch_format.bytes_read - before
+    check_shards(model_pt, expected, ".pt")
 
     # saves from every process, then loads of what was saved, bit for bit
     out = here / "out"
@@ -216,7 +274,26 @@ def main(port: str, processes: str, index: str, directory: str) -> None:
     check_shards(
         bridge.load(out / "sharded", to="nnx", template=template), expected, "saved shards"
     )
+    # msgpack: process 0 writes the bytes flax.serialization makes of the whole state,
+    # holding one gathered array at a time, never the model
+    multihost.peak_gathered_bytes = 0
     bridge.save(model, out / "model.msgpack", format="msgpack")
+    result["msgpack peak gathered"] = multihost.peak_gathered_bytes
+    result["largest array"] = max(value.nbytes for value in expected.values())
+    reference = flax_msgpack(model)
+    if me == 0:
+        result["msgpack identical"] = (out / "model.msgpack").read_bytes() == reference
+    # gathers where no mesh axis lies within a process, or no dimension divides by one
+    line = jax.sharding.NamedSharding(jax.make_mesh((8,), ("all",)), jax.P("all"))
+    everywhere = jax.sharding.NamedSharding(mesh, jax.P())
+    odd = {
+        "line": jax.device_put(np.arange(16, dtype=np.float32), line),
+        "six": jax.device_put(np.arange(6, dtype=np.int32), everywhere),
+    }
+    bridge.save(odd, here / "odd.safetensors", format="safetensors", source="nnx_state")
+    saved = load_file(here / "odd.safetensors")
+    assert saved["line"].tobytes() == np.arange(16, dtype=np.float32).tobytes(), saved
+    assert saved["six"].tobytes() == np.arange(6, dtype=np.int32).tobytes(), saved
     plan = str(bridge.plan(out / "model.msgpack", to="nnx", template=template))
     assert "each of the 2 processes parses the whole file" in plan, plan
     check_shards(
@@ -247,6 +324,8 @@ def main(port: str, processes: str, index: str, directory: str) -> None:
     result["message orbax layout"] = expect_failure(
         1, bridge.FormatError, strings, out / "failed_ckpt", format="orbax", source="nnx_state"
     )
+    for failing in (1, 0):
+        result[f"orbax failure on {failing}"] = orbax_fails_on(failing, model, out / "failed_ckpt")
     assert sorted(p.name for p in out.iterdir()) == [
         "ckpt",
         "model.msgpack",

@@ -1,6 +1,7 @@
 """Run in a process of its own with 8 CPU devices (see test_sharded.py): loads a torch
-state_dict saved as safetensors into an NNX model sharded over a 2x4 mesh and checks
-that each device holds the right slice, and that the file was read slice by slice."""
+state_dict saved as safetensors (and as .pt) into an NNX model sharded over a 2x4 mesh
+and checks that each device holds the right slice, and that the file was read slice by
+slice, each distinct slice once."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ import sys
 
 import jax
 import numpy as np
+import torch
 from flax import nnx
 from safetensors.numpy import save_file
 
 import bridge
 from bridge.formats import safetensors as safetensors_format
+from bridge.formats import torch as torch_format
 
 SHARDED = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("b", "a"))
 
@@ -38,6 +41,7 @@ def main(directory: str) -> None:
         "embed.weight": rng.normal(size=(32, 16)).astype(np.float32),
     }
     path = os.path.join(directory, "model.safetensors")
+    pt_path = os.path.join(directory, "model.pt")
     save_file(state, path)
 
     reads: list[tuple[str, object]] = []
@@ -63,6 +67,14 @@ def main(directory: str) -> None:
     for shard in embedding.addressable_shards:
         np.testing.assert_array_equal(np.asarray(shard.data), state["embed.weight"][shard.index])
     np.testing.assert_array_equal(np.asarray(kernel), expected)
+
+    # a .pt file: each distinct slice taken out of torch's map once, counted
+    torch.save({key: torch.from_numpy(value) for key, value in state.items()}, pt_path)
+    before = torch_format.bytes_read
+    from_pt = bridge.convert(pt_path, to="nnx", template=template)
+    assert torch_format.bytes_read - before == sum(value.nbytes for value in state.values())
+    for shard in from_pt.up.kernel.get_value().addressable_shards:
+        assert np.asarray(shard.data).tobytes() == expected[shard.index].tobytes()
 
     weight_reads = [index for key, index in reads if key == "up.weight"]
     assert weight_reads and all(index is not Ellipsis for index in weight_reads), weight_reads

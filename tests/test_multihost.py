@@ -108,12 +108,24 @@ def test_two_processes_load_and_save_each_touching_only_their_bytes(tmp_path):
         # each process reads what its devices hold: half of every sharded array, all of
         # the replicated norms, once each
         assert result["read model.safetensors"] == result["read hf"] == result["own_bytes"]
+        assert result["read model.pt"] == result["own_bytes"]
         replicated = (2 * 4 + 1) * 128 * 4
         assert result["own_bytes"] == (result["total_bytes"] - replicated) // 2 + replicated
         assert result["safetensors identical"] is True
         assert "(6,)" in result["uneven"] and "'w'" in result["uneven"]
+    # process 0 wrote what Flax writes, holding one gathered array at a time
+    assert results[0]["msgpack identical"] is True
+    assert 0 < results[0]["msgpack peak gathered"] <= results[0]["largest array"]
     # a failure on process 1 is a PeerError on process 0 that names it and says why
     first = results[0]
     for step in ("message orbax", "message safetensors", "message orbax layout"):
         assert "failed on 1 of 2 processes: process 1: FormatError" in first[step], first[step]
     assert "not dtype <U11" in first["message orbax layout"]
+    # a failure inside Orbax's own save on one process ends the other's in seconds, not
+    # at Orbax's barrier timeout, and leaves nothing behind
+    for failing in (1, 0):
+        for result in results:
+            failure = result[f"orbax failure on {failing}"]
+            assert failure["seconds"] < 30 and not failure["left"], failure
+        other = results[1 - failing][f"orbax failure on {failing}"]["message"]
+        assert f"failed on 1 of 2 processes: process {failing}: OSError" in other, other

@@ -330,9 +330,10 @@ def _dump(flat: FlatState, ctx: Context, out: BinaryIO) -> None:
 
 def write(flat: FlatState, ctx: Context) -> bytes | FilePath:
     """The msgpack bytes; with `path=...`, a file written atomically instead (an existing
-    one only with `overwrite=True`), and its path returned. Under `jax.distributed`
-    process 0 writes the file, gathering the arrays that span processes; the bytes are
-    made in memory whole, as with one process."""
+    one only with `overwrite=True`), and its path returned, streamed leaf by leaf. Under
+    `jax.distributed` process 0 streams the file, gathering each array that spans
+    processes when it reaches it (it holds one such array, not the model) while the
+    others serve the gathers and wait for the file to be in place."""
     if ctx.options.get("path") is None:
         buffer = io.BytesIO()
         _dump(flat, ctx, buffer)

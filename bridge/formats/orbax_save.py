@@ -24,7 +24,7 @@ from etils import epath
 from orbax.checkpoint.experimental.v1 import partial
 
 from bridge import multihost
-from bridge.errors import FormatError
+from bridge.errors import BridgeError, FormatError
 from bridge.formats.orbax_locate import STEP_METADATA
 from bridge.graph import Context
 from bridge.progress import track
@@ -243,10 +243,10 @@ def write(flat: FlatState, ctx: Context) -> Path:
     A checkpoint directory is one unit, as in Orbax: Orbax saves (into its own temporary,
     then renamed) inside bridge's temporary directory, which takes the place of `path`
     only once complete, so a failure leaves nothing at `path`. Under `jax.distributed`
-    every process calls this: they share one temporary (`multihost.shared_output`) and
-    Orbax's own multi-process save writes each process's shards. An existing `path` is
-    refused without `overwrite=True` (an empty directory counts as absent); with it, the
-    whole directory, whatever else it held, is swapped for the new checkpoint.
+    every process calls this: they share one temporary (`multihost.shared_output`),
+    Orbax's multi-process save writes each one's shards, and a failure on one ends all.
+    An existing `path` is refused without `overwrite=True` (an empty directory counts as
+    absent); with it, the whole directory is swapped for the new checkpoint.
     """
     if ctx.options.get("path") is None:
         raise FormatError("writing an Orbax checkpoint needs path=... (a directory)")
@@ -276,9 +276,17 @@ def write(flat: FlatState, ctx: Context) -> Path:
                     partial.finalize(temp)
                 _as_standard(temp, target)
             else:
-                with ocp.StandardCheckpointer() as checkpointer:
-                    checkpointer.save(temp, tree, custom_metadata=custom)
-        except FormatError:
+                step = f"{target}: Orbax's save (into {temp.parent.name})"  # unique
+                with multihost.failing_together(step) as peers:
+                    options = ocp.AsyncOptions(barrier_sync_fn=peers.barrier)
+                    checkpointer = ocp.StandardCheckpointer(async_options=options)
+                    try:
+                        checkpointer.save(temp, tree, custom_metadata=custom)
+                    except BaseException:
+                        checkpointer.close()  # nothing left running in the background
+                        raise
+                    peers.wait(checkpointer.close, cancel=checkpointer.cancel)
+        except BridgeError:
             raise
         except Exception as exc:  # Orbax's own errors: unsupported leaves, I/O, ...
             raise FormatError(f"{target}: Orbax could not save the checkpoint: {exc}") from exc

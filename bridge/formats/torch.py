@@ -25,7 +25,7 @@ from bridge.errors import FormatError
 from bridge.graph import Checkpoint, Context, register_conversion, register_format
 from bridge.layout import TORCH_FAMILIES, family, to_flax, to_torch
 from bridge.progress import track
-from bridge.tree import FlatState, Leaf, dotted, native_numbers, parse_dotted
+from bridge.tree import FlatState, LazyArray, Leaf, dotted, native_numbers, parse_dotted
 
 SUFFIXES = (".pt", ".bin", ".pth")
 TORCH_ROLES = frozenset(
@@ -86,6 +86,39 @@ def from_numpy(array: np.ndarray) -> Any:
     return torch.from_numpy(array)
 
 
+bytes_read = 0
+"""Bytes this process has taken out of `.pt` files (the sizes of the slices
+`FileTensor.view` selected): how tests and benchmarks see that a sharded load, on one
+host or many, reads only the slices its devices hold."""
+
+
+class FileTensor(LazyArray):
+    """A tensor of a `.pt` file as `torch.load(mmap=True)` maps it: a slice is taken out
+    of the map only when asked (a sharded load asks for a device's slice), and counted."""
+
+    def __init__(self, mapped: np.ndarray) -> None:
+        self.mapped = mapped
+        self.shape = mapped.shape
+        self.dtype = mapped.dtype
+
+    def view(self, index: Any = ...) -> np.ndarray:
+        global bytes_read
+        selected = self.mapped[index]
+        bytes_read += selected.nbytes
+        return selected
+
+    def read(self, index: Any = ...) -> np.ndarray:
+        return np.array(self.view(index))
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        """The map itself, as before it was wrapped: a state_dict made of the file shares
+        torch's private (copy-on-write) map instead of copying it."""
+        array = self.view()
+        if dtype is not None:
+            return array.astype(dtype, copy=bool(copy))
+        return array.copy() if copy else array
+
+
 def _load_file(path: FilePath) -> Mapping[str, Any]:
     torch = _torch()
     try:
@@ -139,7 +172,8 @@ def read(obj: Any, ctx: Context) -> FlatState:
     families: dict[str, str | None] = {}
     module = obj if _is_module(obj) else None
     where = "the state_dict"
-    if isinstance(obj, str | os.PathLike):
+    from_file = isinstance(obj, str | os.PathLike)
+    if from_file:
         where = os.fspath(obj)
         state = _load_file(FilePath(obj))
     elif module is not None:
@@ -156,8 +190,9 @@ def read(obj: Any, ctx: Context) -> FlatState:
     flat: FlatState = {}
     for key, value in state.items():
         path = parse_dotted(key)
+        array = value if isinstance(value, np.ndarray) else to_numpy(value)
         flat[path] = Leaf(
-            value if isinstance(value, np.ndarray) else to_numpy(value),
+            FileTensor(array) if from_file else array,
             module=families.get(key.rpartition(".")[0]),
             transient=path[-1] == "num_batches_tracked",
             alias_of=parse_dotted(ties[key]) if ties[key] != key else None,
