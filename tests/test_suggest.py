@@ -316,6 +316,7 @@ def test_a_scanned_port_exports_to_torch_by_renaming_then_unstacking_its_layers(
     model = bridge.convert(torch_model, to="nnx", template=template, rules="auto")
     blank = _blank("llama")
     suggestion = bridge.suggest_rules(model, template=blank)
+    print(f"\nllama export from scanned: leaf pairs by evidence {suggestion.counts()}")
     assert suggestion.ok and not suggestion.unpaired, str(suggestion)
     unstacks = [rule for rule in suggestion.rules if isinstance(rule, bridge.Unstack)]
     assert unstacks == [bridge.Unstack("model.layers.{rest*}", "model.layers.{i}.{rest*}")]
@@ -379,6 +380,39 @@ def test_a_scanned_source_whose_stacked_twins_fit_both_ways_is_a_tie():
         bridge.convert(model, to="torch", template=template, rules="auto")
 
 
+def test_a_subtree_that_only_looks_stacked_is_not_aligned_with_the_blocks():
+    """`extra.a` and `extra.b` (Linear 2 -> 2: every leading axis 2, as many as the
+    layers, and more modules than the real block) hold other elements a layer than
+    torch's blocks: not a scanned block; the real one is."""
+
+    class Source(nnx.Module):
+        def __init__(self, rngs: nnx.Rngs) -> None:
+            @nnx.split_rngs(splits=2)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def layers(rngs: nnx.Rngs) -> nnx.Module:
+                return nnx.Dict(lin=nnx.Linear(4, 4, rngs=rngs))
+
+            self.layers = layers(rngs)
+            self.extra = nnx.Dict(a=nnx.Linear(2, 2, rngs=rngs), b=nnx.Linear(2, 2, rngs=rngs))
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+    template = torch.nn.Module()
+    template.blocks = torch.nn.ModuleList([Block(), Block()])
+    template.extra = torch.nn.ModuleDict({"a": torch.nn.Linear(2, 2), "b": torch.nn.Linear(2, 2)})
+    model = Source(nnx.Rngs(0))
+    suggestion = bridge.suggest_rules(model, template=template)
+    assert suggestion.ok and not suggestion.unpaired, str(suggestion)
+    state = bridge.convert(model, to="torch", template=template, rules="auto")
+    kernel = np.asarray(model.layers["lin"].kernel.get_value())
+    assert np.asarray(state["blocks.1.lin.weight"]).tobytes() == kernel[1].T.tobytes()
+    expected = np.asarray(model.extra["b"].kernel.get_value()).T.tobytes()
+    assert np.asarray(state["extra.b.weight"]).tobytes() == expected
+
+
 def test_a_stacked_fused_projection_splits_along_its_axis_after_the_layer_axis():
     """A stacked `qkv` kernel (layers, in, 3 * out) into per-layer torch q, k, v: the
     split axis counts the layer axis first."""
@@ -412,6 +446,7 @@ def test_linen_named_blocks_load_through_auto_rules_and_export_back_bit_exact():
     torch_model = ported_models.torch_model("llama")
     variables = ported_models.linen_llama_variables()
     suggestion = bridge.suggest_rules(torch_model, template=variables)
+    print(f"\nlinen llama: leaf pairs by evidence {suggestion.counts()}")
     assert suggestion.ok and not suggestion.unpaired, str(suggestion)
     assert "tree" in suggestion.counts()
     assert ("model.layers.{i}.self_attn.q_proj", "layers_{i}.attn.query") in {
