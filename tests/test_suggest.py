@@ -380,6 +380,29 @@ def test_a_scanned_source_whose_stacked_twins_fit_both_ways_is_a_tie():
         bridge.convert(model, to="torch", template=template, rules="auto")
 
 
+def test_two_scanned_stacks_that_fit_two_block_lists_alike_are_a_tie():
+    """`first` and `second` (each two stacked layers of `left`/`right`) against torch's
+    `blocks.{i}` and `others.{i}` of the same modules: which stack is which list, no
+    evidence says; both ties are named and nothing is exported."""
+
+    class Source(nnx.Module):
+        def __init__(self, rngs: nnx.Rngs) -> None:
+            self.first = ScannedTwins(fused=False, rngs=rngs).layers
+            self.second = ScannedTwins(fused=False, rngs=rngs).layers
+
+    template = torch.nn.Module()
+    template.blocks = torch.nn.ModuleList([TorchTwins(), TorchTwins()])
+    template.others = torch.nn.ModuleList([TorchTwins(), TorchTwins()])
+    model = Source(nnx.Rngs(0))
+    suggestion = bridge.suggest_rules(model, template=template)
+    assert sorted((t.sources, t.targets) for t in suggestion.ties) == [
+        (("first",), ("blocks.{i}", "others.{i}")),
+        (("second",), ("blocks.{i}", "others.{i}")),
+    ]
+    with pytest.raises(bridge.MismatchError, match=r"first.*tie: first <-> blocks\.\{i\}"):
+        bridge.convert(model, to="torch", template=template, rules="auto")
+
+
 def test_a_subtree_that_only_looks_stacked_is_not_aligned_with_the_blocks():
     """`extra.a` and `extra.b` (Linear 2 -> 2: every leading axis 2, as many as the
     layers, and more modules than the real block) hold other elements a layer than
