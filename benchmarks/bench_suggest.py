@@ -4,7 +4,8 @@
 
 A synthetic Llama-style state in HF names (torch layout, biases everywhere: 16 leaves a
 layer) against a template in Meta's names (`layers.{i}.attention.wq`), indexed layers
-and scanned (stacked) layers. Leaves are abstract: suggesting reads no array data.
+and scanned (stacked) layers; and the export: the scanned state in Meta's names onto the
+HF template (`Unstack`). Leaves are abstract: suggesting reads no array data.
 Measured in one process, best of `--repeat`:
 
   suggest:   bridge.suggest.suggest(source, template) -> the rules
@@ -89,16 +90,19 @@ def best(fn, repeat: int) -> float:
     return min(times)
 
 
-def measure(leaves: int, scanned: bool, repeat: int) -> dict[str, float]:
+def measure(leaves: int, kind: str, repeat: int) -> dict[str, float]:
     layers = max(1, leaves // LEAVES_PER_LAYER)
-    source, template = states(layers, scanned)
+    source, template = states(layers, scanned=kind != "indexed")
+    crossing = "flax"
+    if kind == "scanned export":
+        source, template, crossing = template, source, "torch"
     _, indexed = states(layers, scanned=False)  # the baseline: as many leaves, same names
     same = {path: leaf.replace(source=".".join(map(str, path))) for path, leaf in indexed.items()}
-    found = suggest(source, template, "flax")
+    found = suggest(source, template, crossing)
     assert found.ok and not found.unpaired, str(found)
     return {
-        "leaves": len(source),
-        "suggest": best(lambda: suggest(source, template, "flax"), repeat),
+        "leaves": max(len(source), len(template)),
+        "suggest": best(lambda: suggest(source, template, crossing), repeat),
         "apply": best(lambda: apply_rules(source, found.rules, Report()), repeat),
         "baseline": best(lambda: match(same, indexed, Report()), repeat),
     }
@@ -111,18 +115,18 @@ def main() -> None:
     parser.add_argument("--record", action="store_true")
     args = parser.parse_args()
     lines = [
-        "| template | leaves | suggest s | x match | apply rules s | x match | "
+        "| case | leaves | suggest s | x match | apply rules s | x match | "
         "match s (baseline) | suggest x per 10x leaves |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for scanned in (False, True):
+    for kind in ("indexed", "scanned", "scanned export"):
         previous = None
         for leaves in args.leaves:
-            row = measure(leaves, scanned, args.repeat)
+            row = measure(leaves, kind, args.repeat)
             growth = "-" if previous is None else f"{row['suggest'] / previous:.1f}"
             previous = row["suggest"]
             lines.append(
-                f"| {'scanned' if scanned else 'indexed'} | {row['leaves']:,} "
+                f"| {kind} | {row['leaves']:,} "
                 f"| {row['suggest']:.3f} | {row['suggest'] / row['baseline']:.2f} "
                 f"| {row['apply']:.3f} | {row['apply'] / row['baseline']:.2f} "
                 f"| {row['baseline']:.3f} | {growth} |"

@@ -284,7 +284,9 @@ def suggest_rules(
     """The rules that map `obj` onto `template` when their names differ, proposed from
     the structure of both sides, each pairing with its evidence and confidence; ties
     (modules no evidence tells apart) are listed, never decided: give `hints=` (partial
-    rules) for them. `to` defaults to the template's format; options as for `convert`.
+    rules) for them. Repeated blocks (`layers.{i}`, Linen's `layers_{i}`) align with
+    repeated or scanned ones: a scanned template gets a `Stack`, a scanned source an
+    `Unstack`. `to` defaults to the template's format; options as for `convert`.
     Reads no array data."""
     target = to or GRAPH.detect(template)
     found = plan(

@@ -5,10 +5,13 @@ Modules (the leaves under one parent path) are paired, never single leaves, by t
 strongest evidence that tells a module from its siblings, in this order:
 
 1. the same name, in any spelling (`tree.match_key`, `tree.position_key`), or a hint;
-2. the module tree: repeated blocks (`layers.{i}`) aligned with repeated or stacked
-   (scanned) blocks of as many layers, layer i with layer i; blocks are matched once,
-   on their first layer, and the pairing holds for every layer;
-3. roles spelled by name fragments (q/k/v/o, gate/up/down, fc1/fc2, norms, embeddings);
+2. the module tree (`bridge.blocks`): repeated blocks (`layers.{i}`, Linen's `layers_{i}`)
+   aligned with repeated or stacked (scanned) blocks of as many layers, layer i with
+   layer i; blocks are matched once, on their first layer, and the pairing holds for
+   every layer. A stacked side is stacked after the renames (`Stack`, loads) or
+   renamed in stacked names, then unstacked (`Unstack`, exports);
+3. roles spelled by name fragments (`bridge.naming`: q/k/v/o, gate/up/down, fc1/fc2,
+   norms, embeddings);
 4. shapes after the layout rule (`layout.kernel_layouts`): a pair where each is the
    other's only partner that fits;
 5. definition order, between otherwise identical siblings whose names number them on
@@ -26,19 +29,24 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 
-import jax
-
-from bridge.layout import FLAX_ROLES, TORCH_ROLES, WEIGHT_ROLES, kernel_layouts, module_hints
-from bridge.mapping import Merge, Rule, Split, Stack, apply_rules
+from bridge.blocks import (
+    Family,
+    Roles,
+    Side,
+    align,
+    by_module,
+    indexed_families,
+    shaped,
+    stacked_families,
+)
+from bridge.fitting import ManyAxes, compatible, fused_axes, role_map
+from bridge.layout import WEIGHT_ROLES, kernel_layouts, module_hints
+from bridge.mapping import Merge, Rule, Split, Stack, Unstack, apply_rules
+from bridge.naming import COUNTER, FUSED, tag
 from bridge.report import Problem, Report
 from bridge.rules_file import format_rules, in_file_order
-from bridge.tree import FlatState, Leaf, Path, dotted, index_of, position_key
+from bridge.tree import FlatState, Leaf, Path, dotted, parse_dotted, position_key
 
-Roles = dict[str, Leaf]
-"""One module's leaves by their last key part (`weight`, `bias`, `kernel`, ...)."""
-
-COUNTER = "num_batches_tracked"  # torch's BatchNorm counter: no Flax partner, goes along
-WEIGHT_NAMES = ("kernel", "embedding", "scale", "weight")
 CONFIDENCE = {
     "hint": "given",
     "name": "certain",
@@ -50,181 +58,10 @@ CONFIDENCE = {
 }
 """How sure each kind of evidence makes a pairing."""
 
-_VOCABULARY = {
-    "q": "q query wq q_proj to_q q_lin query_proj",
-    "k": "k key wk k_proj to_k k_lin key_proj",
-    "v": "v value wv v_proj to_v v_lin value_proj",
-    "o": "o out wo o_proj out_proj to_out out_lin attn_out output_proj",
-    "qkv": "qkv c_attn in_proj qkv_proj wqkv query_key_value attn_qkv",
-    "gate_up": "gate_up gate_up_proj w13",
-    "gate": "gate gate_proj w1 wi_0",
-    "up": "up up_proj w3 wi_1",
-    "down": "down down_proj w2",
-    "fc1": "fc1 fc_1 c_fc fc_in lin1 wi dense_h_to_4h",
-    "fc2": "fc2 fc_2 fc_out lin2 dense_4h_to_h",
-    "norm_attn": "ln_1 ln1 norm1 input_layernorm attention_norm attn_norm ln_attn attn_ln "
-    "pre_attention_norm attention_layernorm",
-    "norm_mlp": "ln_2 ln2 norm2 post_attention_layernorm ffn_norm mlp_norm ln_mlp mlp_ln ffn_ln",
-    "norm_f": "ln_f norm_f final_norm final_layernorm final_layer_norm norm_out",
-    "embed": "wte embed embed_tokens tok_embeddings word_embeddings token_embedding tok_emb "
-    "embedder token_embeddings embed_in word",
-    "pos": "wpe position_embeddings pos_embed pos_emb position_embedding position pos",
-    "type": "token_type_embeddings type_embed segment_embeddings token_type segment",
-    "head": "lm_head head unembed output",
-}
-TAGS = {word: tag for tag, words in _VOCABULARY.items() for word in words.split()}
-"""Name fragment -> role: what a module's own name says it does."""
-FUSED = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}
-"""Fused roles and their parts, in the order the fused name spells them."""
-_ATTENTION = {"attention", "attn", "self_attn", "self_attention", "mha"}
-_MLP = {"mlp", "ffn", "feed_forward", "feedforward", "ff"}
-_NORMS = {"ln", "norm", "layernorm", "layer_norm", "rmsnorm"}
-_DENSE = {"dense", "proj", "linear", "c_proj"}
-
-
-def tag(rel: Path) -> str | None:
-    """The role a module's name spells: its own name's, or a generic name's (`dense`,
-    `LayerNorm`) read in its context (`attention.output.dense` is the output projection)."""
-    parts = [str(part).lower() for part in rel if index_of(part) is None]
-    if not parts:
-        return None
-    last, context = parts[-1], set(parts[:-1])
-    if last in TAGS:
-        return TAGS[last]
-    if last in _NORMS:
-        return "norm_attn" if context & _ATTENTION else "norm_mlp" if context & _MLP else None
-    if last in _DENSE and context & _ATTENTION:
-        return "o"
-    if last in _DENSE and "intermediate" in context:
-        return "fc1"
-    return None
-
-
-# --- does a source module fit a template module ------------------------------------------
-
-
-def role_map(src: Roles, tgt: Roles, crossing: str | None) -> dict[str, str] | None:
-    """Which template leaf each source leaf of a module fills (`weight` -> `kernel`),
-    as the layout step names them, or None when the two modules hold different roles.
-    `crossing` is "flax" (torch source, Flax template), "torch", or None (same side)."""
-    own = [role for role in src if not (role == COUNTER and crossing == "flax")]
-    wanted = [role for role in tgt if not (role == COUNTER and crossing == "torch")]
-    if len(own) != len(wanted):
-        return None
-    out: dict[str, str] = {}
-    for role in own:
-        name: str | None = role if role in tgt else None
-        if name is None and crossing == "flax":
-            weights = [r for r in wanted if r in WEIGHT_NAMES]
-            name = (weights[0] if len(weights) == 1 else None) if role == "weight" else None
-            name = name or TORCH_ROLES.get(role)
-        elif name is None and crossing == "torch":
-            name = FLAX_ROLES.get(role)
-        if name is None or name not in tgt:
-            return None
-        out[role] = name
-    return out if len(set(out.values())) == len(out) else None
-
-
-def leaf_fits(src: Leaf, tgt: Leaf, flax_role: str, crossing: str | None) -> bool:
-    """Whether the layout step would lay `src` out as `tgt` (`flax_role` is the Flax
-    name of the pair): a kernel by one of its module family's layouts that gives the
-    template's shape, any other leaf as it is (a bias also split into heads)."""
-    if crossing is None:
-        return src.shape == tgt.shape
-    torch_leaf, flax_leaf = (src, tgt) if crossing == "flax" else (tgt, src)
-    own = WEIGHT_ROLES.get(torch_leaf.module or "")
-    if flax_role in WEIGHT_NAMES[:3] and own not in (None, flax_role):
-        return False  # the torch module says it is another kind (an Embedding, not a Linear)
-    if flax_role == "kernel":
-        return bool(
-            kernel_layouts(torch_leaf.shape, flax_leaf.shape, torch_leaf.module, flax_leaf.module)
-        )
-    if torch_leaf.shape == flax_leaf.shape:
-        return True
-    fine, coarse = flax_leaf.shape, torch_leaf.shape
-    return len(coarse) == 1 and len(fine) > 1 and math.prod(fine) == coarse[0]
-
-
-def compatible(src: Roles, tgt: Roles, crossing: str | None) -> bool:
-    roles = role_map(src, tgt, crossing)
-    return roles is not None and all(
-        leaf_fits(src[a], tgt[b], a if crossing == "torch" else b, crossing)
-        for a, b in roles.items()
-    )
-
 
 def _sizes(roles: Roles) -> tuple[int, ...]:
     """What no layout changes: the sizes of a module's leaves (a bucket of candidates)."""
     return tuple(sorted(math.prod(leaf.shape) for role, leaf in roles.items() if role != COUNTER))
-
-
-def _shaped(leaf: Leaf, shape: tuple[int, ...]) -> Leaf:
-    return leaf.replace(value=jax.ShapeDtypeStruct(shape, leaf.dtype))
-
-
-def _fused_axes(
-    whole: Roles, parts: Sequence[Roles], crossing: str | None, whole_is_source: bool
-) -> dict[str, int] | None:
-    """Per source role, the one axis along which `whole` is the concatenation of `parts`
-    (source layout); None when no axis gives modules that fit, `_ManyAxes` when several
-    do."""
-    src_roles = whole if whole_is_source else parts[0]
-    maps = [
-        role_map(whole, part, crossing) if whole_is_source else role_map(part, whole, crossing)
-        for part in parts
-    ]
-    if any(m is None for m in maps):
-        return None
-    axes: dict[str, int] = {}
-    for role in src_roles:
-        if role == COUNTER:
-            continue
-        found = []
-        for axis in range(len(src_roles[role].shape)):
-            if whole_is_source:
-                shape = list(whole[role].shape)
-                if shape[axis] % len(parts):
-                    continue
-                shape[axis] //= len(parts)
-                piece = _shaped(whole[role], tuple(shape))
-                ok = all(
-                    leaf_fits(piece, part[m[role]], _flax(role, m[role], crossing), crossing)  # type: ignore[index]
-                    for part, m in zip(parts, maps, strict=True)
-                )
-            else:
-                shapes = [part[role].shape for part in parts]
-                if any(len(s) != len(shapes[0]) for s in shapes):
-                    continue
-                rest = {s[:axis] + s[axis + 1 :] for s in shapes}
-                if len(rest) != 1:
-                    continue
-                merged = list(shapes[0])
-                merged[axis] = sum(s[axis] for s in shapes)
-                target = maps[0][role]  # type: ignore[index]
-                ok = leaf_fits(
-                    _shaped(parts[0][role], tuple(merged)),
-                    whole[target],
-                    _flax(role, target, crossing),
-                    crossing,
-                )
-            if ok:
-                found.append(axis)
-        if len(found) > 1:
-            raise _ManyAxes(role, found)
-        if not found:
-            return None
-        axes[role] = found[0]
-    return axes
-
-
-class _ManyAxes(Exception):
-    """A fused tensor whose parts fit along more than one axis: a weight of unknown
-    module, (out, in) or (in, out)."""
-
-
-def _flax(src_role: str, tgt_role: str, crossing: str | None) -> str:
-    return src_role if crossing == "torch" else tgt_role
 
 
 # --- pairing modules within one scope --------------------------------------------------------
@@ -318,10 +155,10 @@ class _Scope:
                 parts = [paths[0] for paths in found]
                 sides = ([path], parts) if whole_is_source else (parts, [path])
                 try:
-                    axes = _fused_axes(
+                    axes = fused_axes(
                         wholes[path], [pieces[p] for p in parts], self.crossing, whole_is_source
                     )
-                except _ManyAxes as many:
+                except ManyAxes as many:
                     role, axes_found = many.args
                     self.tie(
                         *sides,
@@ -433,112 +270,6 @@ def _by_number(paths: Sequence[Path]) -> list[Path]:
     return sorted(paths, key=_number)
 
 
-# --- repeated blocks ----------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class _Family:
-    """Repeated blocks: `prefix.{i}.rel` for i in 0..layers-1 with the same modules, or
-    one stacked (scanned) block whose leaves all carry the layers on axis 0."""
-
-    prefix: Path
-    layers: int
-    first: dict[Path, Roles]  # the first block's modules by relative path
-    members: list[Path]  # every module path of the family
-    stacked: bool = False
-
-
-def _modules(flat: FlatState) -> dict[Path, Roles]:
-    out: dict[Path, Roles] = {}
-    for path, leaf in flat.items():
-        out.setdefault(path[:-1], {})[str(path[-1])] = leaf
-    return out
-
-
-def _indexed_families(modules: Mapping[Path, Roles]) -> list[_Family]:
-    blocks: dict[Path, dict[int, dict[Path, Roles]]] = {}
-    for path, roles in modules.items():
-        at = next((i for i, part in enumerate(path) if i and index_of(part) is not None), None)
-        if at is not None:
-            index = index_of(path[at])
-            blocks.setdefault(path[:at], {}).setdefault(index, {})[path[at + 1 :]] = roles  # type: ignore[arg-type]
-    out = []
-    for prefix, layers in blocks.items():
-        signatures = {
-            index: {
-                (rel, role, leaf.shape)
-                for rel, roles in block.items()
-                for role, leaf in roles.items()
-            }
-            for index, block in layers.items()
-        }
-        first = signatures.get(0)
-        if sorted(layers) != list(range(len(layers))) or any(
-            s != first for s in signatures.values()
-        ):
-            continue  # not one block repeated: its modules are paired one by one
-        members = [path for path in modules if path[: len(prefix)] == prefix]
-        out.append(_Family(prefix, len(layers), layers[0], members))
-    return out
-
-
-def _stacked_families(modules: Mapping[Path, Roles], counts: set[int]) -> list[_Family]:
-    """Template subtrees whose every leaf has the same leading axis, of a layer count the
-    source repeats a block: candidates for a scanned block (the outermost of each)."""
-    leading: dict[Path, set[int | None]] = {}
-    for path, roles in modules.items():
-        if any(index_of(part) is not None for part in path):
-            continue
-        for leaf in roles.values():
-            first = leaf.shape[0] if leaf.shape else None
-            for end in range(1, len(path) + 1):
-                leading.setdefault(path[:end], set()).add(first)
-    found = sorted(
-        (
-            prefix
-            for prefix, dims in leading.items()
-            if len(dims) == 1 and next(iter(dims)) in counts
-        ),
-        key=len,
-    )
-    out: list[_Family] = []
-    for prefix in found:
-        if any(prefix[: len(f.prefix)] == f.prefix for f in out):
-            continue
-        layers = next(iter(leading[prefix]))
-        members = [path for path in modules if path[: len(prefix)] == prefix]
-        first = {
-            path[len(prefix) :]: {
-                role: _shaped(leaf, leaf.shape[1:]) for role, leaf in modules[path].items()
-            }
-            for path in members
-        }
-        out.append(_Family(prefix, layers, first, members, stacked=True))  # type: ignore[arg-type]
-    return out
-
-
-def _align(
-    sources: list[_Family], targets: list[_Family]
-) -> tuple[list[tuple[_Family, _Family]], list[tuple[_Family, list[_Family]]]]:
-    """Source families paired with template families of as many layers: the one of the
-    same name, else the only one, else the one with the most leaves per layer."""
-    pairs, ties = [], []
-    free = list(targets)
-    for family in sorted(sources, key=lambda f: -len(f.members)):
-        same = [t for t in free if t.layers == family.layers]
-        named = [t for t in same if position_key(t.prefix) == position_key(family.prefix)]
-        if named:
-            same = named
-        size = max((len(t.members) for t in same), default=0)
-        best = [t for t in same if len(t.members) == size]
-        if len(best) == 1:
-            pairs.append((family, best[0]))
-            free.remove(best[0])
-        elif best:
-            ties.append((family, best))
-    return pairs, ties
-
-
 # --- the result ---------------------------------------------------------------------------
 
 
@@ -634,49 +365,22 @@ class Suggestion:
 # --- rules from pairings --------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class _Side:
-    """Where one side's modules of a scope live: under a family's blocks or the root."""
-
-    prefix: Path = ()
-    block: bool = False
-
-    def key(self, rel: Path) -> str:
-        """The dotted key of a module, with `{i}` for the layer (KeyTemplate spelling)."""
-        parts = [*map(str, self.prefix), *(["{i}"] if self.block else []), *map(str, rel)]
-        return ".".join(parts)
-
-    def module_pattern(self, rel: Path) -> str:
-        """A regular expression for the module's dotted key, any layer (`modules=`)."""
-        parts = [re.escape(str(p)) for p in (*self.prefix, *rel)]
-        if self.block:
-            parts.insert(len(self.prefix), r"\d+")
-        return "^" + r"\.".join(parts) + "$"
-
-    def pattern(self, rel: Path) -> str:
-        escaped = [re.escape(str(p)) for p in self.prefix]
-        parts = [*escaped, *([r"(\d+)"] if self.block else []), *(re.escape(str(p)) for p in rel)]
-        return "^" + r"\.".join(parts) + r"\.([^.]+)$"
-
-    def replacement(self, rel: Path) -> str:
-        parts = [*map(str, self.prefix), *([r"\g<1>"] if self.block else []), *map(str, rel)]
-        role = r"\g<2>" if self.block else r"\g<1>"
-        return ".".join([*parts, role])
-
-
-def _rules_of(pair: _Pair, src: _Side, tgt: _Side) -> list[Rule]:
+def _rules_of(pair: _Pair, src: Side, tgt: Side, layer_axis: int) -> list[Rule]:
+    """The rules of one pairing: a rename (none where the names are one in any
+    spelling), or a Split or Merge per role, along the source's axis."""
     if len(pair.sources) == len(pair.targets) == 1:
-        if src.key(pair.sources[0]) == tgt.key(pair.targets[0]):
+        keys = (src.key(pair.sources[0]), tgt.key(pair.targets[0]))
+        if len({position_key(parse_dotted(key.replace("{i}", "0"))) for key in keys}) == 1:
             return []
         return [(src.pattern(pair.sources[0]), tgt.replacement(pair.targets[0]))]
     rules: list[Rule] = []
     for role, axis in (pair.axes or {}).items():
         if len(pair.sources) == 1:
             parts = [f"{tgt.key(t)}.{role}" for t in pair.targets]
-            rules.append(Split(f"{src.key(pair.sources[0])}.{role}", parts, axis))
+            rules.append(Split(f"{src.key(pair.sources[0])}.{role}", parts, axis + layer_axis))
         else:
             parts = [f"{src.key(s)}.{role}" for s in pair.sources]
-            rules.append(Merge(parts, f"{tgt.key(pair.targets[0])}.{role}", axis))
+            rules.append(Merge(parts, f"{tgt.key(pair.targets[0])}.{role}", axis + layer_axis))
     return rules
 
 
@@ -744,34 +448,30 @@ def suggest(
         path: leaf.replace(module=given[path[:-1]]) if path[:-1] in given else leaf
         for path, leaf in source.items()
     }
-    src_modules = _modules(
+    src_modules = by_module(
         {p: leaf for p, leaf in source.items() if not leaf.transient and leaf.alias_of is None}
     )
-    tgt_modules = _modules(
+    tgt_modules = by_module(
         {p: leaf for p, leaf in template.items() if not leaf.transient and leaf.alias_of is None}
     )
     hinted = {path for path in src_modules if path not in original}
 
-    src_families = _indexed_families(src_modules)
-    counts = {f.layers for f in src_families}
-    tgt_families = _indexed_families(tgt_modules) + _stacked_families(tgt_modules, counts)
-    aligned, family_ties = _align(src_families, tgt_families)
+    src_indexed, tgt_indexed = indexed_families(src_modules), indexed_families(tgt_modules)
+    src_families = src_indexed + stacked_families(src_modules, {f.layers for f in tgt_indexed})
+    tgt_families = tgt_indexed + stacked_families(tgt_modules, {f.layers for f in src_indexed})
+    aligned, family_ties = align(src_families, tgt_families)
 
     rules: list[Rule] = list(hints or [])
     modules: dict[str, str] = {}
     pairings: list[Pairing] = []
-    ties: list[Tie] = []
+    ties: list[Tie] = [
+        Tie((src.side().key(()),), tuple(t.side().key(()) for t in candidates))
+        for src, candidates in family_ties
+    ]
     in_blocks_src = {p for f, _ in aligned for p in f.members}
     in_blocks_tgt = {p for _, t in aligned for p in t.members}
 
-    scopes: list[tuple[_Scope, _Side, _Side, int, _Family | None]] = []
-    for src_family, tgt_family in aligned:
-        scope = _Scope(dict(src_family.first), dict(tgt_family.first), crossing)
-        scope.hinted = {rel for rel in scope.sources if (*src_family.prefix, 0, *rel) in hinted}
-        scope.given = {rel for rel in scope.sources if (*src_family.prefix, 0, *rel) in given}
-        src_side = _Side(src_family.prefix, block=True)
-        tgt_side = _Side(tgt_family.prefix, block=True)
-        scopes.append((scope, src_side, tgt_side, src_family.layers, tgt_family))
+    places = [_Place.of(src, tgt, crossing, hinted, given) for src, tgt in aligned]
     top = _Scope(
         {p: r for p, r in src_modules.items() if p not in in_blocks_src},
         {p: r for p, r in tgt_modules.items() if p not in in_blocks_tgt},
@@ -779,29 +479,22 @@ def suggest(
         hinted,
         set(given),
     )
-    scopes.append((top, _Side(), _Side(), 1, None))
-    for src_family, candidates in family_ties:
-        ties.append(
-            Tie(
-                (_Side(src_family.prefix, True).key(()),),
-                tuple(_Side(t.prefix, not t.stacked).key(()) for t in candidates),
-            )
-        )
+    places.append(_Place(top, Side(), Side(), Side()))
 
-    for scope, *_ in scopes:
-        scope.run()
-    in_out = crossing == "flax" and _stored_in_out(scope for scope, *_ in scopes)
-    for scope, src_side, tgt_side, layers, tgt_family in scopes:
+    for place in places:
+        place.scope.run()
+    in_out = crossing == "flax" and _stored_in_out(place.scope for place in places)
+    for place in places:
+        scope, src_side, tgt_side = place.scope, place.source, place.target
         first_sources, first_targets = scope.done, scope.done_targets
-        stacked = tgt_family is not None and tgt_family.stacked
         for pair in scope.pairs:
             target_keys = tuple(tgt_side.key(t) for t in pair.targets)
             leaves = sum(len([r for r in first_targets[t] if r != COUNTER]) for t in pair.targets)
             sources = tuple(src_side.key(s) for s in pair.sources)
-            pairings.append(Pairing(sources, target_keys, pair.evidence, leaves, layers))
-            rules += _rules_of(pair, src_side, tgt_side)
+            pairings.append(Pairing(sources, target_keys, pair.evidence, leaves, place.layers))
+            rules += _rules_of(pair, src_side, place.written, place.layer_axis)
             if crossing == "flax":
-                needed = stacked or pair.sources[0] in scope.given
+                needed = isinstance(place.layered, Stack) or pair.sources[0] in scope.given
                 modules.update(
                     _module_entries(pair, tgt_side, first_sources, first_targets, needed, in_out)
                 )
@@ -813,17 +506,53 @@ def suggest(
                     reason,
                 )
             )
-        if stacked:
-            rules.append(
-                Stack(f"{tgt_side.key(())}.{{rest*}}", f"{dotted(tgt_side.prefix)}.{{rest*}}")
-            )
+        if place.layered is not None:
+            rules.append(place.layered)
     rules = in_file_order(rules)
-    return Suggestion(rules, modules, pairings, ties, _unpaired(scopes))
+    return Suggestion(rules, modules, pairings, ties, _unpaired(places))
+
+
+@dataclasses.dataclass
+class _Place:
+    """A scope and where its modules live: a source family's blocks aligned with a
+    template family's, or the root. `written` is where the rules put the template's
+    names: a stacked source is renamed in stacked names, then unstacked (`layered`)."""
+
+    scope: _Scope
+    source: Side
+    target: Side
+    written: Side
+    layers: int = 1
+    layer_axis: int = 0
+    """The source's layer axis before a module's own (a Split of a stacked tensor)."""
+    layered: Stack | Unstack | None = None
+
+    @classmethod
+    def of(
+        cls,
+        src: Family,
+        tgt: Family,
+        crossing: str | None,
+        hinted: set[Path],
+        given: Mapping[Path, str],
+    ) -> _Place:
+        scope = _Scope(dict(src.first), dict(tgt.first), crossing)
+        scope.hinted = {rel for rel in scope.sources if (*src.block(0), *rel) in hinted}
+        scope.given = {rel for rel in scope.sources if (*src.block(0), *rel) in given}
+        shown = Side(tgt.prefix, block=True, joined=tgt.joined)
+        place = cls(scope, src.side(), shown, shown, src.layers)
+        whole = f"{dotted(tgt.prefix)}.{{rest*}}"
+        if tgt.stacked:  # per-layer keys renamed, then stacked (after layout)
+            place.layered = Stack(f"{shown.key(())}.{{rest*}}", whole)
+        elif src.stacked:  # stacked keys renamed into the template's names, then unstacked
+            place.written, place.layer_axis = Side(tgt.prefix), 1
+            place.layered = Unstack(whole, f"{shown.key(())}.{{rest*}}")
+        return place
 
 
 def _module_entries(
     pair: _Pair,
-    tgt_side: _Side,
+    tgt_side: Side,
     sources: Mapping[Path, Roles],
     targets: Mapping[Path, Roles],
     needed: bool,
@@ -843,16 +572,17 @@ def _module_entries(
             if len(pair.sources) == 1 and len(pair.targets) > 1 and pair.axes:
                 shape = list(leaf.shape)
                 shape[pair.axes[src_role]] //= len(pair.targets)
-                leaf = _shaped(leaf, tuple(shape))
+                leaf = shaped(leaf, tuple(shape))
             found = _torch_family(leaf, targets[tgt][tgt_role], tgt_role, in_out)
             if found:
                 out[tgt_side.module_pattern(tgt)] = found
     return out
 
 
-def _unpaired(scopes: Sequence[tuple[_Scope, _Side, _Side, int, _Family | None]]) -> list[str]:
+def _unpaired(places: Sequence[_Place]) -> list[str]:
     out = []
-    for scope, src_side, tgt_side, _, _ in scopes:
+    for place in places:
+        scope, src_side, tgt_side = place.scope, place.source, place.target
         tied = {p for sources, targets, _ in scope.ties for p in (*sources, *targets)}
         out += [f"source {src_side.key(p) or '(root)'}" for p in scope.sources if p not in tied]
         out += [f"template {tgt_side.key(p) or '(root)'}" for p in scope.targets if p not in tied]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import torch
@@ -151,6 +152,84 @@ class MetaLlama(nnx.Module):
         return self.output(self.norm(run(self.tok_embeddings(ids), self.layers)))
 
 
+# --- Llama in Linen, its layers named by Linen (`layers_0`) -------------------------------
+
+
+class LinenAttention(nn.Module):
+    config: transformers.LlamaConfig
+
+    def setup(self) -> None:
+        config = self.config
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        head_dim = config.hidden_size // self.heads
+        self.query = nn.Dense(self.heads * head_dim, use_bias=False)
+        self.key = nn.Dense(self.kv_heads * head_dim, use_bias=False)
+        self.value = nn.Dense(self.kv_heads * head_dim, use_bias=False)
+        self.out = nn.Dense(config.hidden_size, use_bias=False)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+        q, k = _heads(self.query(x), self.heads), _heads(self.key(x), self.kv_heads)
+        v = _heads(self.value(x), self.kv_heads)
+        cos, sin = cos[:, None, :], sin[:, None, :]
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        groups = self.heads // self.kv_heads
+        k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+        return self.out(_attend(q, k, v, _causal(x.shape[1])))
+
+
+class LinenMlp(nn.Module):
+    config: transformers.LlamaConfig
+
+    def setup(self) -> None:
+        inner, width = self.config.intermediate_size, self.config.hidden_size
+        self.gate, self.up = nn.Dense(inner, use_bias=False), nn.Dense(inner, use_bias=False)
+        self.down = nn.Dense(width, use_bias=False)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down(nn.silu(self.gate(x)) * self.up(x))
+
+
+class LinenBlock(nn.Module):
+    config: transformers.LlamaConfig
+
+    def setup(self) -> None:
+        eps = self.config.rms_norm_eps
+        self.norm1, self.norm2 = nn.RMSNorm(epsilon=eps), nn.RMSNorm(epsilon=eps)
+        self.attn, self.mlp = LinenAttention(self.config), LinenMlp(self.config)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+        x = x + self.attn(self.norm1(x), cos, sin)
+        return x + self.mlp(self.norm2(x))
+
+
+class LinenLlama(nn.Module):
+    """Llama in Linen: its blocks a list made in a loop, which Linen names `layers_0`..."""
+
+    config: transformers.LlamaConfig
+
+    def setup(self) -> None:
+        config = self.config
+        self.embed = nn.Embed(config.vocab_size, config.hidden_size)
+        self.layers = [LinenBlock(config) for _ in range(config.num_hidden_layers)]
+        self.final_norm = nn.RMSNorm(epsilon=config.rms_norm_eps)
+        self.head = nn.Dense(config.vocab_size, use_bias=False)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        head_dim = self.config.hidden_size // self.config.num_attention_heads
+        theta = float(self.config.rope_parameters["rope_theta"])
+        cos, sin = rotary_cos_sin(ids.shape[1], head_dim, theta)
+        x = self.embed(ids)
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        return self.head(self.final_norm(x))
+
+
+def linen_llama_variables() -> dict:
+    """The Linen Llama's variables from `init` (`{"params": ...}`), for `template=`."""
+    ids = jnp.zeros((1, 4), dtype=jnp.int32)
+    return LinenLlama(CONFIGS["llama"]).init(jax.random.key(0), ids)
+
+
 # --- BERT, fused qkv ----------------------------------------------------------------------
 
 
@@ -280,3 +359,5 @@ gpt2_template, llama_template, bert_template, cnn_template = (
     functools.partial(template, name) for name in NAMES
 )
 """`--template tests/ported_models.py:llama_template` for the CLI."""
+llama_torch_model = functools.partial(torch_model, "llama")
+"""`--template tests/ported_models.py:llama_torch_model`: the torch Llama, for exports."""

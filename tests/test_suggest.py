@@ -287,3 +287,205 @@ def test_shapes_never_override_names_that_do_not_fit():
     ]
     with pytest.raises(bridge.MismatchError, match="mismatch"):
         bridge.convert(Source(), to="nnx", template=template, rules="auto")
+
+
+# --- scanned sources, exported to per-layer keys; Linen-named blocks -------------------------
+
+
+def _blank(name: str) -> torch.nn.Module:
+    """The torch model with every parameter zero: a template whose values are no answer."""
+    model = ported_models.torch_model(name)
+    with torch.no_grad():
+        for value in model.parameters():
+            value.zero_()
+    return model
+
+
+def _same_bytes(state, expected: dict[str, torch.Tensor]) -> None:
+    assert set(state) == set(expected)
+    for key, value in expected.items():
+        assert np.asarray(state[key]).tobytes() == value.numpy().tobytes(), key
+
+
+def test_a_scanned_port_exports_to_torch_by_renaming_then_unstacking_its_layers(tmp_path):
+    """The Llama port's layers are one stacked block; torch's are `model.layers.{i}`:
+    the suggestion renames the stacked keys into torch's names, then unstacks them
+    (the inverse of the Stack it suggests for the load)."""
+    torch_model = ported_models.torch_model("llama")
+    template = ported_models.template("llama")
+    model = bridge.convert(torch_model, to="nnx", template=template, rules="auto")
+    blank = _blank("llama")
+    suggestion = bridge.suggest_rules(model, template=blank)
+    print(f"\nllama export from scanned: leaf pairs by evidence {suggestion.counts()}")
+    assert suggestion.ok and not suggestion.unpaired, str(suggestion)
+    unstacks = [rule for rule in suggestion.rules if isinstance(rule, bridge.Unstack)]
+    assert unstacks == [bridge.Unstack("model.layers.{rest*}", "model.layers.{i}.{rest*}")]
+    assert ("layers.attention.wq", "model.layers.{i}.self_attn.q_proj") in {
+        (p.sources[0], p.targets[0]) for p in suggestion.pairings if p.layers == 2
+    }
+
+    state = bridge.convert(model, to="torch", template=blank, rules="auto")
+    _same_bytes(state, torch_model.state_dict())
+    blank.load_state_dict(state, strict=True)
+    for got, expected in zip(
+        torch_outputs("llama", blank), nnx_outputs("llama", model), strict=True
+    ):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=2e-5)
+
+    checkpoint = tmp_path / "ckpt"
+    bridge.save(model, checkpoint, format="orbax")
+    factory = f"{ported_models.__file__}:llama_torch_model"
+    args = ["plan", str(checkpoint), "--to", "torch", "--template", factory]
+    toml = str(tmp_path / "rules.toml")
+    done = CliRunner().invoke(app, [*args, "--suggest-rules", toml])
+    assert done.exit_code == 0, done.output
+    rules, modules = load_rules(toml)
+    assert rules == bridge.suggest_rules(str(checkpoint), template=blank).rules
+    assert rules == suggestion.rules and not modules
+    _same_bytes(bridge.convert(model, to="torch", template=blank, rules=rules), state)
+    done = CliRunner().invoke(app, [*args, "--rules", toml])
+    assert done.exit_code == 0, done.output
+
+
+class ScannedTwins(nnx.Module):
+    """Two blocks stacked (`nnx.vmap`), each of two Linear layers of one shape, or of a
+    fused `qkv` (4 -> 12)."""
+
+    def __init__(self, fused: bool, rngs: nnx.Rngs) -> None:
+        @nnx.split_rngs(splits=2)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def layers(rngs: nnx.Rngs) -> nnx.Module:
+            return nnx.Dict(qkv=nnx.Linear(4, 12, rngs=rngs)) if fused else NnxTwins(rngs)
+
+        self.layers = layers(rngs)
+
+
+class TorchQkv(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = (torch.nn.Linear(4, 4) for _ in range(3))
+
+
+def test_a_scanned_source_whose_stacked_twins_fit_both_ways_is_a_tie():
+    """`layers.left` and `layers.right` (stacked) against `blocks.{i}.a` and `.b`: the
+    blocks align, their modules do not; the tie is named, nothing is exported."""
+    model = ScannedTwins(fused=False, rngs=nnx.Rngs(0))
+    template = torch.nn.Module()
+    template.blocks = torch.nn.ModuleList([TorchTwins(), TorchTwins()])
+    suggestion = bridge.suggest_rules(model, template=template)
+    assert [(t.sources, t.targets) for t in suggestion.ties] == [
+        (("layers.left", "layers.right"), ("blocks.{i}.a", "blocks.{i}.b"))
+    ]
+    with pytest.raises(bridge.MismatchError, match=r"layers.left, layers.right.*tie"):
+        bridge.convert(model, to="torch", template=template, rules="auto")
+
+
+def test_two_scanned_stacks_that_fit_two_block_lists_alike_are_a_tie():
+    """`first` and `second` (each two stacked layers of `left`/`right`) against torch's
+    `blocks.{i}` and `others.{i}` of the same modules: which stack is which list, no
+    evidence says; both ties are named and nothing is exported."""
+
+    class Source(nnx.Module):
+        def __init__(self, rngs: nnx.Rngs) -> None:
+            self.first = ScannedTwins(fused=False, rngs=rngs).layers
+            self.second = ScannedTwins(fused=False, rngs=rngs).layers
+
+    template = torch.nn.Module()
+    template.blocks = torch.nn.ModuleList([TorchTwins(), TorchTwins()])
+    template.others = torch.nn.ModuleList([TorchTwins(), TorchTwins()])
+    model = Source(nnx.Rngs(0))
+    suggestion = bridge.suggest_rules(model, template=template)
+    assert sorted((t.sources, t.targets) for t in suggestion.ties) == [
+        (("first",), ("blocks.{i}", "others.{i}")),
+        (("second",), ("blocks.{i}", "others.{i}")),
+    ]
+    with pytest.raises(bridge.MismatchError, match=r"first.*tie: first <-> blocks\.\{i\}"):
+        bridge.convert(model, to="torch", template=template, rules="auto")
+
+
+def test_a_subtree_that_only_looks_stacked_is_not_aligned_with_the_blocks():
+    """`extra.a` and `extra.b` (Linear 2 -> 2: every leading axis 2, as many as the
+    layers, and more modules than the real block) hold other elements a layer than
+    torch's blocks: not a scanned block; the real one is."""
+
+    class Source(nnx.Module):
+        def __init__(self, rngs: nnx.Rngs) -> None:
+            @nnx.split_rngs(splits=2)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def layers(rngs: nnx.Rngs) -> nnx.Module:
+                return nnx.Dict(lin=nnx.Linear(4, 4, rngs=rngs))
+
+            self.layers = layers(rngs)
+            self.extra = nnx.Dict(a=nnx.Linear(2, 2, rngs=rngs), b=nnx.Linear(2, 2, rngs=rngs))
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+    template = torch.nn.Module()
+    template.blocks = torch.nn.ModuleList([Block(), Block()])
+    template.extra = torch.nn.ModuleDict({"a": torch.nn.Linear(2, 2), "b": torch.nn.Linear(2, 2)})
+    model = Source(nnx.Rngs(0))
+    suggestion = bridge.suggest_rules(model, template=template)
+    assert suggestion.ok and not suggestion.unpaired, str(suggestion)
+    state = bridge.convert(model, to="torch", template=template, rules="auto")
+    kernel = np.asarray(model.layers["lin"].kernel.get_value())
+    assert np.asarray(state["blocks.1.lin.weight"]).tobytes() == kernel[1].T.tobytes()
+    expected = np.asarray(model.extra["b"].kernel.get_value()).T.tobytes()
+    assert np.asarray(state["extra.b.weight"]).tobytes() == expected
+
+
+def test_a_stacked_fused_projection_splits_along_its_axis_after_the_layer_axis():
+    """A stacked `qkv` kernel (layers, in, 3 * out) into per-layer torch q, k, v: the
+    split axis counts the layer axis first."""
+    model = ScannedTwins(fused=True, rngs=nnx.Rngs(0))
+    template = torch.nn.Module()
+    template.blocks = torch.nn.ModuleList([TorchQkv(), TorchQkv()])
+    suggestion = bridge.suggest_rules(model, template=template)
+    assert suggestion.ok and not suggestion.unpaired, str(suggestion)
+    assert (
+        bridge.Split(
+            "layers.qkv.kernel", ["blocks.q.kernel", "blocks.k.kernel", "blocks.v.kernel"], 2
+        )
+        in suggestion.rules
+    )
+    state = bridge.convert(model, to="torch", template=template, rules="auto")
+    kernel = np.asarray(model.layers["qkv"].kernel.get_value())
+    bias = np.asarray(model.layers["qkv"].bias.get_value())
+    for layer in range(2):
+        for part, name in enumerate("qkv"):
+            columns = slice(4 * part, 4 * part + 4)
+            weight = np.ascontiguousarray(kernel[layer][:, columns].T)
+            assert np.asarray(state[f"blocks.{layer}.{name}.weight"]).tobytes() == weight.tobytes()
+            got = np.asarray(state[f"blocks.{layer}.{name}.bias"]).tobytes()
+            assert got == bias[layer][columns].tobytes()
+
+
+def test_linen_named_blocks_load_through_auto_rules_and_export_back_bit_exact():
+    """A Linen Llama whose blocks Linen named `layers_0`, `layers_1` (a list made in a
+    loop) is a repeated block like `model.layers.{i}`: it loads from torch with outputs
+    matching, and goes back to the torch model's bytes."""
+    torch_model = ported_models.torch_model("llama")
+    variables = ported_models.linen_llama_variables()
+    suggestion = bridge.suggest_rules(torch_model, template=variables)
+    print(f"\nlinen llama: leaf pairs by evidence {suggestion.counts()}")
+    assert suggestion.ok and not suggestion.unpaired, str(suggestion)
+    assert "tree" in suggestion.counts()
+    assert ("model.layers.{i}.self_attn.q_proj", "layers_{i}.attn.query") in {
+        (p.sources[0], p.targets[0]) for p in suggestion.pairings if p.layers == 2
+    }
+
+    loaded = bridge.convert(torch_model, to="linen", template=variables, rules="auto")
+    ids = _inputs("llama")["input_ids"]
+    got = ported_models.LinenLlama(ported_models.CONFIGS["llama"]).apply(loaded, ids)
+    (expected,) = torch_outputs("llama", torch_model)
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-4, atol=2e-5)
+
+    blank = _blank("llama")
+    back = bridge.suggest_rules(loaded, template=blank)
+    assert ("layers_{i}.attn.query", "model.layers.{i}.self_attn.q_proj") in {
+        (p.sources[0], p.targets[0]) for p in back.pairings if p.layers == 2
+    }
+    state = bridge.convert(loaded, to="torch", template=blank, rules="auto")
+    _same_bytes(state, torch_model.state_dict())
