@@ -18,8 +18,7 @@ process (best time, worst memory over `--repeat` runs).
 
 The Orbax checkpoint read is one the recipe wrote, or where the recipe is not among
 `--cases` (as in `make bench-large`) bridge's streamed one: a standard v0 checkpoint
-both. `--record` writes the tables into benchmarks/RESULTS.md, in their own section
-(`make bench-large`'s apart), replacing an earlier run's.
+both. `--record` writes the tables into their section of benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -225,10 +224,7 @@ def main() -> None:
         lines.append("")
     print("\n".join(lines))
     if args.record:
-        heading = (
-            "Scale check: `make bench-large`" if args.shard_gb else "File to file: `make bench`"
-        )
-        record(f"{heading} (bench_files.py)", "\n".join(lines))
+        record("Scale check, file to file" if args.shard_gb else "File to file", "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -16,8 +16,7 @@ measures each method in a fresh process (so nothing is cached or shared between 
 Memory is the peak of anonymous resident memory (RssAnon, sampled every 2 ms) above the
 process's baseline once jax is imported and the template is built: ru_maxrss would also
 count the checkpoint's mmap'd file pages, which the kernel can reclaim. Ratios are to
-(d) from the same run. `--record` writes its section of benchmarks/RESULTS.md (`make bench`
-and `make bench-large` each their own).
+(d) from the same run. `--record` writes its section of benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -521,8 +520,7 @@ def main() -> None:
         report += [f"### {dtype}, {layers} layers", "", *table(results, size, bandwidth), ""]
     print("\n".join(report))
     if args.record:
-        heading = "Scale check: `make bench-large`" if args.shard_gb else "Loads: `make bench`"
-        record(f"{heading} (bench_load.py)", "\n".join(report))
+        record("Scale check" if args.shard_gb else "Loads", "\n".join(report))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ Measured in one process, best of `--repeat`:
              (what every convert with a template does), as many leaves
 
 Ratios are to the baseline of the same size; the 10x-leaves row says how it scales.
-`--record` appends the table to benchmarks/RESULTS.md.
+`--record` writes the table into its section of benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -22,17 +22,16 @@ from __future__ import annotations
 import argparse
 import platform
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
+from results import record
 
 from bridge.mapping import apply_rules, match
 from bridge.report import Report
 from bridge.suggest import suggest
 from bridge.tree import Leaf
 
-HERE = Path(__file__).parent
 HIDDEN, KV, INNER = 8, 4, 16
 HF = {
     "self_attn.q_proj": (HIDDEN, HIDDEN),
@@ -134,13 +133,9 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.record:
-        text = (
-            '\n## rules="auto": suggestion speed (`python benchmarks/bench_suggest.py '
-            f"--record`)\n\n{platform.processor() or platform.machine()}, "
-            f"best of {args.repeat}, abstract leaves (no data read).\n\n{table}\n"
-        )
-        with open(HERE / "RESULTS.md", "a", encoding="utf-8") as file:
-            file.write(text)
+        machine = platform.processor() or platform.machine()
+        body = f"{machine}, best of {args.repeat}, abstract leaves (no data read).\n\n{table}"
+        record('rules="auto": suggestion speed', body)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ checkpoint back, every step timed between barriers; bytes read are bridge's own 
 the slices taken out of the file (`bridge.formats.safetensors.bytes_read`). The
 single-file saves also record each process's peak RssAnon growth (sampled), to be set
 against the largest array (what a gathering writer must hold) and the checkpoint.
-`--record` writes the table into benchmarks/RESULTS.md.
+`--record` writes the table into its section of benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import ctypes
 import json
 import os
 import platform
-import re
 import signal
 import socket
 import subprocess
@@ -31,8 +30,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+from results import record
 
-HERE = Path(__file__).parent
 HIDDEN = 1024
 DEVICES = 8
 STEPS = ("load safetensors", "save orbax", "save safetensors", "save msgpack", "load orbax")
@@ -222,15 +221,6 @@ def table(size: int, largest: int, results: dict[int, tuple[float, list[dict]]])
     return "\n\n".join("\n".join(table) for table in (lines, memory, gathers))
 
 
-def record(text: str) -> None:
-    path = HERE / "RESULTS.md"
-    current = path.read_text()
-    # up to the next heading of any level: the sections after it are other benchmarks'
-    section = re.compile(r"\n### Many hosts: `make bench-multihost`.*?(?=\n##|\Z)", re.DOTALL)
-    current = section.sub("", current).rstrip("\n") + "\n"
-    path.write_text(current + "\n" + text + "\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mb", type=float, default=256)
@@ -252,7 +242,6 @@ def main() -> None:
         del state
         results = {count: run(count, directory, layers) for count in (1, 2)}
     text = (
-        f"### Many hosts: `make bench-multihost`\n\n"
         f"Machine: {platform.machine()}, {os.cpu_count()} cores; command: "
         f"`python benchmarks/multihost.py --size-mb {args.size_mb:g}`. A checkpoint of "
         f"{size / 1e6:.0f} MB ({layers} sharded (1024, 1024) float32 kernels read through "
@@ -268,7 +257,7 @@ def main() -> None:
     )
     print(text)
     if args.record:
-        record(text)
+        record("Many hosts", text)
 
 
 if __name__ == "__main__":
