@@ -3,11 +3,16 @@ of a 50,000-leaf graph costs as much as the rest of the conversion)."""
 
 from __future__ import annotations
 
+import jax
 import numpy as np
+import pytest
 from flax import nnx
 from flax.nnx import graphlib
 
 import bridge
+from bridge.formats.nnx import read_module
+from bridge.graph import Context
+from bridge.layout import FLAX_FAMILIES, family
 
 
 class Block(nnx.Module):
@@ -37,3 +42,47 @@ def test_a_conversion_into_nnx_walks_the_template_once(monkeypatch):
     for i in range(3):
         kernel = np.asarray(model.blocks[i].lin.kernel.get_value())
         assert kernel.tobytes() == state_dict[f"blocks.{i}.lin.weight"].T.tobytes()
+
+
+class _Box:
+    """A pytree node that holds a module but answers neither items nor attributes."""
+
+    def __init__(self, inner: nnx.Module) -> None:
+        self.inner = inner
+
+
+jax.tree_util.register_pytree_node(_Box, lambda box: ((box.inner,), None), lambda _, c: _Box(*c))
+
+
+class Mixed(nnx.Module):
+    """Modules under attributes, shared, in an `nnx.Dict`, a list and a dict pytree, and
+    (with `box`) in a custom pytree node."""
+
+    def __init__(self, rngs: nnx.Rngs, box: bool) -> None:
+        shared = nnx.Linear(2, 2, rngs=rngs)
+        self.a, self.b = shared, shared
+        self.d = nnx.Dict(conv=nnx.Conv(2, 2, (3,), rngs=rngs), norm=nnx.LayerNorm(2, rngs=rngs))
+        self.plain = nnx.data([nnx.Embed(4, 2, rngs=rngs), {"x": nnx.Linear(2, 3, rngs=rngs)}])
+        if box:
+            self.box = nnx.data(_Box(nnx.BatchNorm(2, rngs=rngs)))
+
+
+@pytest.mark.parametrize("box", [False, True])
+def test_each_leaf_knows_the_family_of_the_module_the_graph_puts_it_in(box, monkeypatch):
+    model = Mixed(nnx.Rngs(0), box)
+    owners = {
+        path: family(type(node), FLAX_FAMILIES)
+        for path, node in nnx.iter_graph(model)
+        if isinstance(node, nnx.Module)
+    }
+    walks = []
+    iter_graph = nnx.iter_graph
+    monkeypatch.setattr(nnx, "iter_graph", lambda *a: walks.append(a) or iter_graph(*a))
+
+    flat = read_module(model, Context())
+
+    assert {path: leaf.module for path, leaf in flat.items()} == {
+        path: owners.get(path[:-1]) for path, _ in nnx.to_flat_state(nnx.state(model))
+    }
+    assert {"Linear", "Conv", "LayerNorm", "Embed"} <= {leaf.module for leaf in flat.values()}
+    assert len(walks) == box  # a second walk only where a path cannot be followed
