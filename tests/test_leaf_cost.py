@@ -84,5 +84,5 @@ def test_each_leaf_knows_the_family_of_the_module_the_graph_puts_it_in(box, monk
     assert {path: leaf.module for path, leaf in flat.items()} == {
         path: owners.get(path[:-1]) for path, _ in nnx.to_flat_state(nnx.state(model))
     }
-    assert {"Linear", "Conv", "LayerNorm", "Embed"} <= {leaf.module for leaf in flat.values()}
+    assert {"Linear", "Conv", "Norm", "Embedding"} <= {leaf.module for leaf in flat.values()}
     assert len(walks) == box  # a second walk only where a path cannot be followed
