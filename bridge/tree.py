@@ -8,6 +8,7 @@ spelled the NNX way (`("layers", 0, "kernel")`). The spellings of the other form
 from __future__ import annotations
 
 import dataclasses
+import math
 import reprlib
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -220,7 +221,7 @@ class Leaf:
             itemsize = np.dtype(self.dtype).itemsize
         except TypeError:  # extended dtypes (PRNG keys) have no numpy counterpart
             itemsize = getattr(self.dtype, "itemsize", 0)
-        return int(np.prod(self.shape, dtype=np.int64)) * itemsize
+        return int(math.prod(self.shape)) * itemsize
 
     @property
     def is_abstract(self) -> bool:

@@ -4,6 +4,7 @@ of a 50,000-leaf graph costs as much as the rest of the conversion)."""
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -86,3 +87,35 @@ def test_each_leaf_knows_the_family_of_the_module_the_graph_puts_it_in(box, monk
     }
     assert {"Linear", "Conv", "Norm", "Embedding"} <= {leaf.module for leaf in flat.values()}
     assert len(walks) == box  # a second walk only where a path cannot be followed
+
+
+class Doubled(nnx.Param):
+    """A Variable type of its own whose value is not what it holds."""
+
+    def get_value(self, **kwargs):
+        return super().get_value(**kwargs) * 2
+
+
+class Held(nnx.Module):
+    def __init__(self) -> None:
+        self.plain = nnx.Param(jnp.arange(3.0))
+        self.own = Doubled(jnp.arange(3.0))
+        self.ref = nnx.Param(jnp.arange(2.0), ref=True)
+        with pytest.warns(UserWarning, match="hooks are deprecated"):
+            self.hooked = nnx.Param(jnp.arange(4.0), on_get_value=lambda _, value: value + 1)
+
+
+def test_reading_a_variable_gives_what_its_get_value_gives():
+    model = Held()
+    names = ("plain", "own", "ref", "hooked")
+    expected = {name: np.asarray(getattr(model, name).get_value()) for name in names}
+
+    variables = bridge.convert(model, to="linen", progress=False)
+    params = {
+        name: value for collection in variables.values() for name, value in collection.items()
+    }
+
+    assert set(params) == set(expected)
+    for name, value in expected.items():
+        assert np.asarray(params[name]).tobytes() == value.tobytes(), name
+    assert not np.array_equal(expected["own"], np.arange(3.0))  # the test tells them apart

@@ -38,6 +38,9 @@ _FLAGS = variablelib.Variable.required_metadata
 sharding), not what it holds: not carried between formats."""
 
 
+_GET_VALUE = nnx.Variable.get_value
+
+
 def kind_of(variable_type: type[nnx.Variable]) -> str:
     return variablelib.variable_name_from_type(variable_type, allow_register=True)
 
@@ -49,14 +52,30 @@ def type_of(kind: str | None) -> type[nnx.Variable]:
 def _leaf(variable: Any, module: str | None = None) -> Leaf:
     if not isinstance(variable, nnx.Variable):
         return Leaf(variable, module=module)
-    metadata = {k: v for k, v in variable.get_metadata().items() if k not in _FLAGS}
+    metadata = variable.get_metadata()
+    value = _value(variable, metadata)
+    metadata = {k: v for k, v in metadata.items() if k not in _FLAGS}
     return Leaf(
-        variable.get_value(),
+        value,
         kind=kind_of(type(variable)),
         metadata=normalize_metadata(metadata),
         transient=isinstance(variable, nnx.RngState),
         module=module,
     )
+
+
+def _value(variable: nnx.Variable, metadata: Mapping[str, Any]) -> Any:
+    """`variable.get_value()`, skipped where it would change nothing: Flax's copies the
+    held pytree, reads array refs and runs `on_get_value` hooks, and a concrete array or
+    a placeholder held without hooks is its own value (a tracer may be a ref); a
+    Variable type of its own may say otherwise."""
+    raw = variable.get_raw_value()
+    plain = isinstance(raw, np.ndarray | jax.ShapeDtypeStruct) or (
+        isinstance(raw, jax.Array) and not isinstance(raw, jax.core.Tracer)
+    )
+    if plain and "on_get_value" not in metadata and type(variable).get_value is _GET_VALUE:
+        return raw
+    return variable.get_value()
 
 
 def read_state(state: Any, ctx: Context) -> FlatState:
@@ -120,7 +139,8 @@ def _sharding(path: Path, like: nnx.Variable | None, ctx: Context) -> Any:
     explicit = ctx.options.get("shardings")
     if explicit and dotted(path) in explicit:
         return explicit[dotted(path)]
-    sharding = getattr(like.get_value(), "sharding", None) if like is not None else None
+    value = _value(like, like.get_metadata()) if like is not None else None
+    sharding = getattr(value, "sharding", None)
     if isinstance(sharding, jax.sharding.NamedSharding) and isinstance(
         sharding.mesh, jax.sharding.AbstractMesh
     ):  # nnx.eval_shape under `jax.set_mesh`: the devices are those of the current mesh
