@@ -318,11 +318,19 @@ def to_jax(value: Any, where: str, sharding: jax.sharding.Sharding | None = None
         return jax.make_array_from_callback(shape, sharding, read)
     array = native_numbers(read_slice(value, view=True), where)
     # A contiguous view of a file's map must be copied (jax would alias it on the CPU);
-    # a strided one (a transposed kernel) jax copies itself, in one pass.
-    contiguous = array.flags.c_contiguous
-    placed = jnp.array(array, copy=True) if contiguous else jax.device_put(array)
+    # a strided one (a transposed kernel) `device_put` copies in one pass, where
+    # `jnp.array` makes a contiguous copy first, but at twice `jnp.array`'s cost per
+    # call: it pays only for large arrays.
+    if array.flags.c_contiguous or array.nbytes <= STAGED_BYTES:
+        placed = jnp.array(array, copy=True)
+    else:
+        placed = jax.device_put(array)
     # one tensor at a time: queued transfers would each hold a staging copy meanwhile
     return placed.block_until_ready()
+
+
+STAGED_BYTES = 1 << 16
+"""Strided arrays up to this size are placed through a contiguous staging copy."""
 
 
 def _unaliased(array: np.ndarray) -> np.ndarray:

@@ -14,6 +14,7 @@ import bridge
 from bridge.formats.nnx import read_module
 from bridge.graph import Context
 from bridge.layout import FLAX_FAMILIES, family
+from bridge.tree import STAGED_BYTES
 
 
 class Block(nnx.Module):
@@ -119,3 +120,25 @@ def test_reading_a_variable_gives_what_its_get_value_gives():
     for name, value in expected.items():
         assert np.asarray(params[name]).tobytes() == value.tobytes(), name
     assert not np.array_equal(expected["own"], np.arange(3.0))  # the test tells them apart
+
+
+class Two(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs) -> None:
+        self.small = nnx.Linear(3, 2, rngs=rngs)
+        self.large = nnx.Linear(300, 200, rngs=rngs)  # a kernel over STAGED_BYTES
+
+
+def test_transposed_kernels_are_placed_bit_exact_below_and_above_the_staging_size():
+    template = nnx.eval_shape(lambda: Two(nnx.Rngs(0)))
+    rng = np.random.default_rng(0)
+    state_dict = {}
+    for name, (i, o) in {"small": (3, 2), "large": (300, 200)}.items():
+        state_dict[f"{name}.weight"] = rng.standard_normal((o, i), np.float32)
+        state_dict[f"{name}.bias"] = rng.standard_normal((o,), np.float32)
+    assert state_dict["large.weight"].nbytes > STAGED_BYTES >= state_dict["small.weight"].nbytes
+
+    model = bridge.convert(state_dict, to="nnx", template=template, progress=False)
+
+    for name in ("small", "large"):
+        kernel = np.asarray(getattr(model, name).kernel.get_value())
+        assert kernel.tobytes() == np.ascontiguousarray(state_dict[f"{name}.weight"].T).tobytes()
