@@ -118,8 +118,9 @@ def _families(model: nnx.Pytree, leaves: dict[Path, Any]) -> dict[Path, str | No
 
 def read_module(model: nnx.Pytree, ctx: Context) -> FlatState:
     """The state, each leaf knowing its module's family (Linear, Conv, ...) for layout."""
-    ctx.walks[id(model)] = split = nnx.split(model)
-    leaves = {tuple(path): variable for path, variable in nnx.to_flat_state(split[1])}
+    graphdef, state = nnx.split(model)
+    leaves = _template_variables(state)
+    ctx.walks[id(model)] = graphdef, leaves
     families = _families(model, leaves)
     return {path: _leaf(leaf, families.get(path[:-1])) for path, leaf in leaves.items()}
 
@@ -199,8 +200,12 @@ def _filled(flat: FlatState, ctx: Context, like: dict[Path, nnx.Variable]) -> nn
 
 
 def write_module(flat: FlatState, ctx: Context) -> nnx.Pytree:
-    graphdef, state = ctx.walks.get(id(ctx.template)) or nnx.split(ctx.template)
-    return nnx.merge(graphdef, _filled(flat, ctx, _template_variables(state)))
+    walked = ctx.walks.get(id(ctx.template))
+    if walked is None:
+        graphdef, state = nnx.split(ctx.template)
+        walked = graphdef, _template_variables(state)
+    graphdef, variables = walked
+    return nnx.merge(graphdef, _filled(flat, ctx, variables))
 
 
 def _is_pure_state(obj: Any) -> bool:
