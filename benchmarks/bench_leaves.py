@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -134,7 +135,7 @@ def diy_msgpack(setup):
     from flax import serialization
 
     variables = diy_nnx_linen(setup)
-    path = Path(setup["dir"]) / "diy.msgpack"
+    path = Path(tempfile.mkdtemp(dir=setup["dir"])) / "diy.msgpack"
     path.write_bytes(serialization.to_bytes(variables))
     return path
 
@@ -159,7 +160,10 @@ def bridge_op(op: str):
         "plan": lambda s: bridge.plan(s["sd"], to="nnx", template=s["template"]),
         "inspect": lambda s: bridge.inspect(s["file"]),
         "msgpack": lambda s: bridge.save(
-            s["model"], Path(s["dir"]) / "bridge.msgpack", format="msgpack", progress=False
+            s["model"],
+            Path(tempfile.mkdtemp(dir=s["dir"])) / "bridge.msgpack",
+            format="msgpack",
+            progress=False,
         ),
     }[op]
 
@@ -176,33 +180,46 @@ DIY = {
 OPS = list(DIY)
 
 
-def setup(leaves: int, workdir: str) -> dict:
-    """Inputs for every operation, built outside the timed region."""
+NEEDS = {  # the inputs each operation takes, so a process builds only those
+    "torch_nnx": ("sd", "template"),
+    "safetensors_nnx": ("file", "template"),
+    "linen_nnx": ("linen", "template"),
+    "nnx_linen": ("model",),
+    "plan": ("sd", "template"),
+    "inspect": ("file",),
+    "msgpack": ("model", "dir"),
+}
+
+
+def setup(op: str, leaves: int, workdir: str) -> dict:
+    """The inputs of `op`, built outside the timed region (at 50,000 leaves building
+    every input for every operation would take longer than the operations)."""
     from safetensors.numpy import save_file
 
     import bridge
 
-    sd = state_dict(leaves)
-    file = Path(workdir) / "model.safetensors"
-    if not file.exists():
-        save_file(sd, file)
-    model = diy_torch_nnx({"sd": sd, "template": template(leaves)})
-    linen = diy_nnx_linen({"model": model})
-    bridge.convert(sd, to="nnx", template=template(4), strict=False, progress=False)  # warm
-    return {
-        "sd": sd,
-        "file": str(file),
-        "template": template(leaves),
-        "model": model,
-        "linen": linen,
-        "dir": workdir,
-    }
+    inputs: dict = {"dir": workdir}
+    needs = set(NEEDS[op])
+    if needs & {"sd", "file", "model", "linen"}:
+        inputs["sd"] = state_dict(leaves)
+    if "file" in needs:
+        inputs["file"] = str(Path(workdir) / "model.safetensors")
+        if not Path(inputs["file"]).exists():
+            save_file(inputs["sd"], inputs["file"])
+    if needs & {"model", "linen"}:
+        inputs["model"] = diy_torch_nnx({"sd": inputs["sd"], "template": template(leaves)})
+    if "linen" in needs:
+        inputs["linen"] = diy_nnx_linen(inputs)
+    if "template" in needs:
+        inputs["template"] = template(leaves)
+    bridge.convert(state_dict(4), to="nnx", template=template(4), progress=False)  # warm
+    return {name: inputs[name] for name in NEEDS[op]}
 
 
 def run_one(side: str, op: str, leaves: int, workdir: str, profile: bool) -> dict:
     import jax
 
-    inputs = setup(leaves, workdir)
+    inputs = setup(op, leaves, workdir)
     fn = DIY[op] if side == "diy" else bridge_op(op)
     if profile:
         import cProfile
@@ -217,21 +234,30 @@ def run_one(side: str, op: str, leaves: int, workdir: str, profile: bool) -> dic
     return {"seconds": time.perf_counter() - start, "growth": memory.peak - memory.base}
 
 
-def measure(side: str, op: str, leaves: int, workdir: str, repeat: int) -> dict:
-    command = [sys.executable, __file__, "--run", side, "--ops", op, "--leaves", str(leaves)]
-    command += ["--workdir", workdir]
-    runs = []
+def measure(op: str, leaves: int, workdir: str, repeat: int) -> dict[str, dict]:
+    """Median time and worst growth per side, the sides alternating run by run so that
+    both meet the same load on a shared machine."""
+    runs: dict[str, list[dict]] = {"bridge": [], "diy": []}
     for _ in range(repeat):
-        done = subprocess.run(command, capture_output=True, text=True, check=True, timeout=1800)
-        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    return {"seconds": min(r["seconds"] for r in runs), "growth": max(r["growth"] for r in runs)}
+        for side in runs:
+            command = [sys.executable, __file__, "--run", side, "--ops", op]
+            command += ["--leaves", str(leaves), "--workdir", workdir]
+            done = subprocess.run(command, capture_output=True, text=True, check=True, timeout=1800)
+            runs[side].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return {
+        side: {
+            "seconds": statistics.median(r["seconds"] for r in results),
+            "growth": max(r["growth"] for r in results),
+        }
+        for side, results in runs.items()
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--leaves", type=int, nargs="+", default=[1000, 10000, 50000])
     parser.add_argument("--ops", nargs="+", default=OPS, choices=OPS)
-    parser.add_argument("--repeat", type=int, default=3, help="runs per side (best time)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per side (median time)")
     parser.add_argument("--profile", action="store_true", help="cProfile the bridge side")
     parser.add_argument("--record", action="store_true", help="add to benchmarks/RESULTS.md")
     parser.add_argument("--run", choices=("bridge", "diy"), help=argparse.SUPPRESS)
@@ -252,8 +278,8 @@ def main() -> None:
     for leaves in args.leaves:
         with tempfile.TemporaryDirectory() as workdir:
             for op in args.ops:
-                ours = measure("bridge", op, leaves, workdir, args.repeat)
-                theirs = measure("diy", op, leaves, workdir, args.repeat)
+                sides = measure(op, leaves, workdir, args.repeat)
+                ours, theirs = sides["bridge"], sides["diy"]
                 lines.append(
                     f"| {op} | {leaves:,} | {ours['seconds']:.3f} | {theirs['seconds']:.3f} | "
                     f"{ours['seconds'] / theirs['seconds']:.2f} | "
@@ -267,7 +293,7 @@ def main() -> None:
         "",
         f"Command: `python benchmarks/bench_leaves.py --leaves "
         f"{' '.join(map(str, args.leaves))} --repeat {args.repeat}`; each side in fresh "
-        f"processes, best time of {args.repeat}, worst memory",
+        f"processes, the sides alternating, median time of {args.repeat}, worst memory",
         "",
         *lines,
         "",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, overload
 
 from bridge import multihost
@@ -192,6 +192,19 @@ def convert(
     return result if strict else (result, ctx.report)
 
 
+def _dtype_names() -> Callable[[Any], str]:
+    """`str(dtype)`, spelled once per dtype of one table: numpy spells a dtype in Python,
+    a cost a table of 50,000 leaves notices."""
+    names: dict[Any, str] = {}
+
+    def name(dtype: Any) -> str:
+        if dtype not in names:
+            names[dtype] = str(dtype)
+        return names[dtype]
+
+    return name
+
+
 @dataclasses.dataclass(frozen=True)
 class PlanRow:
     source: str
@@ -262,10 +275,15 @@ def plan(
 ) -> Plan:
     """The route and per-leaf table `convert` would use, without moving any data."""
     src, hops, flat, ctx, found = _run(obj, to, source, template, rules, strict, options, dry=True)
-    spell = GRAPH.format(to).spell
+    spell, dtype_name = GRAPH.format(to).spell, _dtype_names()
     rows = [
         PlanRow(
-            leaf.source, spell(path, leaf), leaf.transform, str(leaf.dtype), leaf.nbytes, leaf.shape
+            leaf.source,
+            spell(path, leaf),
+            leaf.transform,
+            dtype_name(leaf.dtype),
+            leaf.nbytes,
+            leaf.shape,
         )
         for path, leaf in flat.items()
     ]
@@ -355,8 +373,9 @@ def inspect(obj: Any, *, source: str | None = None, **options: Any) -> Inspectio
     ctx = Context(options=options, source=name)
     ctx.report.subject = f"{name}{_named(obj)}"
     flat = (fmt.inspect or fmt.read)(obj, ctx)
+    dtype_name = _dtype_names()
     rows = [
-        PlanRow("", fmt.spell(path, leaf), "", str(leaf.dtype), leaf.nbytes, leaf.shape)
+        PlanRow("", fmt.spell(path, leaf), "", dtype_name(leaf.dtype), leaf.nbytes, leaf.shape)
         for path, leaf in flat.items()
     ]
     return Inspection(name, rows)

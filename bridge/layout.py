@@ -401,9 +401,10 @@ class _Planned:
 def to_flax(flat: FlatState, ctx: Context) -> FlatState:
     """torch-layout leaves -> Flax-layout leaves (the table read forwards)."""
     hint = module_hints(ctx.options.get("modules"))
-    flat = {
-        path: leaf.replace(module=hint(path[:-1]) or leaf.module) for path, leaf in flat.items()
-    }
+    if ctx.options.get("modules"):  # the caller's families over what torch modules say
+        flat = {
+            path: leaf.replace(module=hint(path[:-1]) or leaf.module) for path, leaf in flat.items()
+        }
     groups = _by_parent(ctx.template_flat)
 
     def siblings_of(parent: Path) -> dict[str, Leaf] | None:

@@ -378,12 +378,13 @@ def match(
                 unfilled[key] = target_path
             continue
         leaf = source[source_path]
-        spelled = spell_target(target_path, target_leaf)
         if leaf.shape == target_leaf.shape and narrower(leaf.dtype, target_leaf.dtype):
+            spelled = spell_target(target_path, target_leaf)
             leaf = _narrowed(leaf, target_leaf, spelled, report, read_values)
         disagreement = _disagreement(leaf, target_leaf)
         if disagreement:
             expected, found = disagreement
+            spelled = spell_target(target_path, target_leaf)
             report.mismatched.append(Problem(spelled, expected, f"{found} at {leaf.source!r}"))
             out[target_path] = target_leaf  # not filled: strict=False keeps the template's
             if target_leaf.is_abstract:

@@ -8,6 +8,7 @@ spelled the NNX way (`("layers", 0, "kernel")`). The spellings of the other form
 from __future__ import annotations
 
 import dataclasses
+import math
 import reprlib
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -220,7 +221,7 @@ class Leaf:
             itemsize = np.dtype(self.dtype).itemsize
         except TypeError:  # extended dtypes (PRNG keys) have no numpy counterpart
             itemsize = getattr(self.dtype, "itemsize", 0)
-        return int(np.prod(self.shape, dtype=np.int64)) * itemsize
+        return int(math.prod(self.shape)) * itemsize
 
     @property
     def is_abstract(self) -> bool:
@@ -228,7 +229,16 @@ class Leaf:
         return isinstance(self.value, jax.ShapeDtypeStruct)
 
     def replace(self, **changes: Any) -> Leaf:
-        return dataclasses.replace(self, **changes)
+        """A copy with `changes`, as `dataclasses.replace` makes it at a fraction of its
+        cost (a leaf is copied several times on its way through a conversion)."""
+        if unknown := changes.keys() - _LEAF_FIELDS:
+            raise TypeError(f"Leaf has no field(s) {sorted(unknown)}")
+        copy = object.__new__(Leaf)
+        copy.__dict__.update(self.__dict__, **changes)
+        return copy
+
+
+_LEAF_FIELDS = frozenset(field.name for field in dataclasses.fields(Leaf))
 
 
 FlatState = dict[Path, Leaf]
@@ -308,11 +318,19 @@ def to_jax(value: Any, where: str, sharding: jax.sharding.Sharding | None = None
         return jax.make_array_from_callback(shape, sharding, read)
     array = native_numbers(read_slice(value, view=True), where)
     # A contiguous view of a file's map must be copied (jax would alias it on the CPU);
-    # a strided one (a transposed kernel) jax copies itself, in one pass.
-    contiguous = array.flags.c_contiguous
-    placed = jnp.array(array, copy=True) if contiguous else jax.device_put(array)
+    # a strided one (a transposed kernel) `device_put` copies in one pass, where
+    # `jnp.array` makes a contiguous copy first, but at twice `jnp.array`'s cost per
+    # call: it pays only for large arrays.
+    if array.flags.c_contiguous or array.nbytes <= STAGED_BYTES:
+        placed = jnp.array(array, copy=True)
+    else:
+        placed = jax.device_put(array)
     # one tensor at a time: queued transfers would each hold a staging copy meanwhile
     return placed.block_until_ready()
+
+
+STAGED_BYTES = 1 << 16
+"""Strided arrays up to this size are placed through a contiguous staging copy."""
 
 
 def _unaliased(array: np.ndarray) -> np.ndarray:
@@ -406,7 +424,7 @@ def flax_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
 
 def dotted(path: Path) -> str:
     """`("h", 0, "attn")` -> `"h.0.attn"` (torch's spelling, and the one rules match on)."""
-    return ".".join(str(part) for part in path)
+    return ".".join(map(str, path))
 
 
 def index_of(part: Any) -> int | None:

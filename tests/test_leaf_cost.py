@@ -3,11 +3,18 @@ of a 50,000-leaf graph costs as much as the rest of the conversion)."""
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 from flax.nnx import graphlib
 
 import bridge
+from bridge.formats.nnx import read_module
+from bridge.graph import Context
+from bridge.layout import FLAX_FAMILIES, family
+from bridge.tree import STAGED_BYTES
 
 
 class Block(nnx.Module):
@@ -37,3 +44,101 @@ def test_a_conversion_into_nnx_walks_the_template_once(monkeypatch):
     for i in range(3):
         kernel = np.asarray(model.blocks[i].lin.kernel.get_value())
         assert kernel.tobytes() == state_dict[f"blocks.{i}.lin.weight"].T.tobytes()
+
+
+class _Box:
+    """A pytree node that holds a module but answers neither items nor attributes."""
+
+    def __init__(self, inner: nnx.Module) -> None:
+        self.inner = inner
+
+
+jax.tree_util.register_pytree_node(_Box, lambda box: ((box.inner,), None), lambda _, c: _Box(*c))
+
+
+class Mixed(nnx.Module):
+    """Modules under attributes, shared, in an `nnx.Dict`, a list and a dict pytree, and
+    (with `box`) in a custom pytree node."""
+
+    def __init__(self, rngs: nnx.Rngs, box: bool) -> None:
+        shared = nnx.Linear(2, 2, rngs=rngs)
+        self.a, self.b = shared, shared
+        self.d = nnx.Dict(conv=nnx.Conv(2, 2, (3,), rngs=rngs), norm=nnx.LayerNorm(2, rngs=rngs))
+        self.plain = nnx.data([nnx.Embed(4, 2, rngs=rngs), {"x": nnx.Linear(2, 3, rngs=rngs)}])
+        if box:
+            self.box = nnx.data(_Box(nnx.BatchNorm(2, rngs=rngs)))
+
+
+@pytest.mark.parametrize("box", [False, True])
+def test_each_leaf_knows_the_family_of_the_module_the_graph_puts_it_in(box, monkeypatch):
+    model = Mixed(nnx.Rngs(0), box)
+    owners = {
+        path: family(type(node), FLAX_FAMILIES)
+        for path, node in nnx.iter_graph(model)
+        if isinstance(node, nnx.Module)
+    }
+    walks = []
+    iter_graph = nnx.iter_graph
+    monkeypatch.setattr(nnx, "iter_graph", lambda *a: walks.append(a) or iter_graph(*a))
+
+    flat = read_module(model, Context())
+
+    assert {path: leaf.module for path, leaf in flat.items()} == {
+        path: owners.get(path[:-1]) for path, _ in nnx.to_flat_state(nnx.state(model))
+    }
+    assert {"Linear", "Conv", "Norm", "Embedding"} <= {leaf.module for leaf in flat.values()}
+    assert len(walks) == box  # a second walk only where a path cannot be followed
+
+
+class Doubled(nnx.Param):
+    """A Variable type of its own whose value is not what it holds."""
+
+    def get_value(self, **kwargs):
+        return super().get_value(**kwargs) * 2
+
+
+class Held(nnx.Module):
+    def __init__(self) -> None:
+        self.plain = nnx.Param(jnp.arange(3.0))
+        self.own = Doubled(jnp.arange(3.0))
+        self.ref = nnx.Param(jnp.arange(2.0), ref=True)
+        with pytest.warns(UserWarning, match="hooks are deprecated"):
+            self.hooked = nnx.Param(jnp.arange(4.0), on_get_value=lambda _, value: value + 1)
+
+
+def test_reading_a_variable_gives_what_its_get_value_gives():
+    model = Held()
+    names = ("plain", "own", "ref", "hooked")
+    expected = {name: np.asarray(getattr(model, name).get_value()) for name in names}
+
+    variables = bridge.convert(model, to="linen", progress=False)
+    params = {
+        name: value for collection in variables.values() for name, value in collection.items()
+    }
+
+    assert set(params) == set(expected)
+    for name, value in expected.items():
+        assert np.asarray(params[name]).tobytes() == value.tobytes(), name
+    assert not np.array_equal(expected["own"], np.arange(3.0))  # the test tells them apart
+
+
+class Two(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs) -> None:
+        self.small = nnx.Linear(3, 2, rngs=rngs)
+        self.large = nnx.Linear(300, 200, rngs=rngs)  # a kernel over STAGED_BYTES
+
+
+def test_transposed_kernels_are_placed_bit_exact_below_and_above_the_staging_size():
+    template = nnx.eval_shape(lambda: Two(nnx.Rngs(0)))
+    rng = np.random.default_rng(0)
+    state_dict = {}
+    for name, (i, o) in {"small": (3, 2), "large": (300, 200)}.items():
+        state_dict[f"{name}.weight"] = rng.standard_normal((o, i), np.float32)
+        state_dict[f"{name}.bias"] = rng.standard_normal((o,), np.float32)
+    assert state_dict["large.weight"].nbytes > STAGED_BYTES >= state_dict["small.weight"].nbytes
+
+    model = bridge.convert(state_dict, to="nnx", template=template, progress=False)
+
+    for name in ("small", "large"):
+        kernel = np.asarray(getattr(model, name).kernel.get_value())
+        assert kernel.tobytes() == np.ascontiguousarray(state_dict[f"{name}.weight"].T).tobytes()

@@ -38,6 +38,9 @@ _FLAGS = variablelib.Variable.required_metadata
 sharding), not what it holds: not carried between formats."""
 
 
+_GET_VALUE = nnx.Variable.get_value
+
+
 def kind_of(variable_type: type[nnx.Variable]) -> str:
     return variablelib.variable_name_from_type(variable_type, allow_register=True)
 
@@ -46,16 +49,33 @@ def type_of(kind: str | None) -> type[nnx.Variable]:
     return variablelib.variable_type_from_name(kind or "params", allow_register=True)
 
 
-def _leaf(variable: Any) -> Leaf:
+def _leaf(variable: Any, module: str | None = None) -> Leaf:
     if not isinstance(variable, nnx.Variable):
-        return Leaf(variable)
-    metadata = {k: v for k, v in variable.get_metadata().items() if k not in _FLAGS}
+        return Leaf(variable, module=module)
+    metadata = variable.get_metadata()
+    value = _value(variable, metadata)
+    metadata = {k: v for k, v in metadata.items() if k not in _FLAGS}
     return Leaf(
-        variable.get_value(),
+        value,
         kind=kind_of(type(variable)),
         metadata=normalize_metadata(metadata),
         transient=isinstance(variable, nnx.RngState),
+        module=module,
     )
+
+
+def _value(variable: nnx.Variable, metadata: Mapping[str, Any]) -> Any:
+    """`variable.get_value()`, skipped where it would change nothing: Flax's copies the
+    held pytree, reads array refs and runs `on_get_value` hooks, and a concrete array or
+    a placeholder held without hooks is its own value (a tracer may be a ref); a
+    Variable type of its own may say otherwise."""
+    raw = variable.get_raw_value()
+    plain = isinstance(raw, np.ndarray | jax.ShapeDtypeStruct) or (
+        isinstance(raw, jax.Array) and not isinstance(raw, jax.core.Tracer)
+    )
+    if plain and "on_get_value" not in metadata and type(variable).get_value is _GET_VALUE:
+        return raw
+    return variable.get_value()
 
 
 def read_state(state: Any, ctx: Context) -> FlatState:
@@ -64,18 +84,45 @@ def read_state(state: Any, ctx: Context) -> FlatState:
     return {tuple(path): Leaf(value) for path, value in flatten_mapping(state).items()}
 
 
-def read_module(model: nnx.Pytree, ctx: Context) -> FlatState:
-    """The state, each leaf knowing its module's family (Linear, Conv, ...) for layout."""
-    families = {
+def _child(node: Any, key: Any) -> Any:
+    """What a graph node holds under `key`: an item of a list or a mapping, else an
+    attribute (a Module's, an `nnx.List`'s or a pytree's)."""
+    return node[key] if isinstance(key, int) or isinstance(node, Mapping) else getattr(node, key)
+
+
+def _families(model: nnx.Pytree, leaves: dict[Path, Any]) -> dict[Path, str | None]:
+    """The family (Linear, Conv, ...) of each module owning a leaf, found by following the
+    leaves' paths from the model, each node once: a second walk of the whole graph
+    (`nnx.iter_graph`) costs as much as the split. Where a path does not lead to its
+    leaf by item and attribute access (a custom pytree node), the graph is walked."""
+    nodes: dict[Path, Any] = {(): model}
+
+    def node_at(path: Path) -> Any:
+        if path not in nodes:
+            nodes[path] = _child(node_at(path[:-1]), path[-1])
+        return nodes[path]
+
+    try:
+        if all(node_at(path) is leaf for path, leaf in leaves.items()):
+            found = nodes.items()
+        else:
+            found = nnx.iter_graph(model)
+    except (LookupError, AttributeError, TypeError):
+        found = nnx.iter_graph(model)
+    return {
         tuple(path): family(type(node), FLAX_FAMILIES)
-        for path, node in nnx.iter_graph(model)
+        for path, node in found
         if isinstance(node, nnx.Module)
     }
-    ctx.walks[id(model)] = split = nnx.split(model)
-    return {
-        path: leaf.replace(module=families.get(path[:-1]))
-        for path, leaf in read_state(split[1], ctx).items()
-    }
+
+
+def read_module(model: nnx.Pytree, ctx: Context) -> FlatState:
+    """The state, each leaf knowing its module's family (Linear, Conv, ...) for layout."""
+    graphdef, state = nnx.split(model)
+    leaves = _template_variables(state)
+    ctx.walks[id(model)] = graphdef, leaves
+    families = _families(model, leaves)
+    return {path: _leaf(leaf, families.get(path[:-1])) for path, leaf in leaves.items()}
 
 
 def _template_variables(template: Any) -> dict[Path, nnx.Variable]:
@@ -90,10 +137,11 @@ def _sharding(path: Path, like: nnx.Variable | None, ctx: Context) -> Any:
     """Where a leaf goes: `shardings={dotted key: Sharding}` if given, else the sharding
     the template's value carries (abstract `ShapeDtypeStruct`s from `nnx.eval_shape`
     under a mesh, or `nnx.get_abstract_model`, carry one)."""
-    explicit = ctx.options.get("shardings") or {}
-    if dotted(path) in explicit:
+    explicit = ctx.options.get("shardings")
+    if explicit and dotted(path) in explicit:
         return explicit[dotted(path)]
-    sharding = getattr(like.get_value(), "sharding", None) if like is not None else None
+    value = _value(like, like.get_metadata()) if like is not None else None
+    sharding = getattr(value, "sharding", None)
     if isinstance(sharding, jax.sharding.NamedSharding) and isinstance(
         sharding.mesh, jax.sharding.AbstractMesh
     ):  # nnx.eval_shape under `jax.set_mesh`: the devices are those of the current mesh
@@ -152,8 +200,12 @@ def _filled(flat: FlatState, ctx: Context, like: dict[Path, nnx.Variable]) -> nn
 
 
 def write_module(flat: FlatState, ctx: Context) -> nnx.Pytree:
-    graphdef, state = ctx.walks.get(id(ctx.template)) or nnx.split(ctx.template)
-    return nnx.merge(graphdef, _filled(flat, ctx, _template_variables(state)))
+    walked = ctx.walks.get(id(ctx.template))
+    if walked is None:
+        graphdef, state = nnx.split(ctx.template)
+        walked = graphdef, _template_variables(state)
+    graphdef, variables = walked
+    return nnx.merge(graphdef, _filled(flat, ctx, variables))
 
 
 def _is_pure_state(obj: Any) -> bool:
