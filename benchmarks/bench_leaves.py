@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 from bench_load import AnonPeak, machine
+from results import record
 
-HERE = Path(__file__).parent
 IN, OUT = 3, 2
 
 
@@ -259,7 +259,7 @@ def main() -> None:
     parser.add_argument("--ops", nargs="+", default=OPS, choices=OPS)
     parser.add_argument("--repeat", type=int, default=3, help="runs per side (median time)")
     parser.add_argument("--profile", action="store_true", help="cProfile the bridge side")
-    parser.add_argument("--record", action="store_true", help="add to benchmarks/RESULTS.md")
+    parser.add_argument("--record", action="store_true", help="write into benchmarks/RESULTS.md")
     parser.add_argument("--run", choices=("bridge", "diy"), help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -287,8 +287,6 @@ def main() -> None:
                 )
                 print(lines[-1], file=sys.stderr, flush=True)
     report = [
-        "### Per-leaf cost (`benchmarks/bench_leaves.py`)",
-        "",
         f"Machine: {machine()}",
         "",
         f"Command: `python benchmarks/bench_leaves.py --leaves "
@@ -300,8 +298,7 @@ def main() -> None:
     ]
     print("\n".join(report))
     if args.record:
-        with open(HERE / "RESULTS.md", "a") as results:
-            results.write("\n" + "\n".join(report))
+        record("Per-leaf cost", "\n".join(report))
 
 
 if __name__ == "__main__":
