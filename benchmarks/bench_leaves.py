@@ -289,9 +289,8 @@ def main() -> None:
     report = [
         f"Machine: {machine()}",
         "",
-        f"Command: `python benchmarks/bench_leaves.py --leaves "
-        f"{' '.join(map(str, args.leaves))} --repeat {args.repeat}`; each side in fresh "
-        f"processes, the sides alternating, median time of {args.repeat}, worst memory",
+        f"Each side in fresh processes, the sides alternating, median time of "
+        f"{args.repeat}, worst memory.",
         "",
         *lines,
         "",
