@@ -75,14 +75,14 @@ from __future__ import annotations
 import os
 import pathlib
 import sys
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 import bridge
 from bridge import cli_output as output
 from bridge import diff as diffs
-from bridge.atomic import atomic_output, check_output
+from bridge.atomic import atomic_output
 from bridge.cli_errors import MISMATCH, UsageError, command, mismatch_line, set_debug, usage_failure
 from bridge.cli_options import convert_options, existing, modules_table, read_toml
 from bridge.graph import GRAPH
@@ -285,14 +285,6 @@ def plan(
             run.fail(mismatch_line(found.report), MISMATCH, "MismatchError", document)
 
 
-def _save_torch(state: dict[str, Any], dst: str, overwrite: bool) -> pathlib.Path:
-    import torch
-
-    with atomic_output(dst, overwrite=overwrite) as temp:
-        torch.save(state, temp)
-    return pathlib.Path(dst)
-
-
 @app.command(
     short_help="Convert SRC to a format and write it at DST.",
     epilog="Examples:\n\n"
@@ -338,23 +330,17 @@ def convert(
     """
     with command(as_json, src, output=dst):
         source = existing(src)
-        fmt = GRAPH.format(to)
-        torch_file = to == "torch"
-        if torch_file and not dst.endswith(TORCH_SUFFIXES):
-            raise UsageError(f"--to torch writes a .pt/.bin/.pth file, not {dst!r}")
-        if not torch_file and "path" not in fmt.options:
+        if "path" not in GRAPH.format(to).options:
             writable = sorted(
                 n for n, f in bridge.registered_formats().items() if "path" in f.options
             )
             raise UsageError(
                 f"--to {to} is an in-memory format; convert writes {', '.join(writable)}"
-                " or torch (.pt)"
             )
-        if torch_file:  # refused before converting, as the writers of other formats do
-            check_output(dst, overwrite=overwrite)
+        if to == "torch" and not dst.endswith(TORCH_SUFFIXES):
+            raise UsageError(f"--to torch writes a .pt/.bin/.pth file, not {dst!r}")
         kwargs = convert_options(template, rules, modules, dtype, casting, strict)
-        if not torch_file:
-            kwargs.update(path=dst, overwrite=overwrite)
+        kwargs.update(path=dst, overwrite=overwrite)
         if batch_size is not None:
             kwargs["batch_bytes"] = batch_size
         for flag, name, value in (
@@ -367,7 +353,7 @@ def convert(
                 kwargs[name] = value
         result = bridge.convert(source, to=to, **kwargs)
         result, report = result if not strict else (result, Report())
-        written = _save_torch(result, dst, overwrite) if torch_file else pathlib.Path(dst)
+        written = pathlib.Path(dst)
         found = bridge.inspect(written)
         if as_json:
             output.dump(

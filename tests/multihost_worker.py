@@ -274,6 +274,17 @@ def main(port: str, processes: str, index: str, directory: str) -> None:
     check_shards(
         bridge.load(out / "sharded", to="nnx", template=template), expected, "saved shards"
     )
+    # .pt: process 0 gathers the arrays and torch.save's the state_dict, the others wait
+    assert bridge.save(model, out / "model.pt", format="torch") == (out / "model.pt").absolute()
+    if me == 0:
+        import torch
+
+        saved = torch.load(out / "model.pt", weights_only=True)
+        source = torch.load(here / "model.pt", weights_only=True)
+        result["pt identical"] = saved.keys() == source.keys() and all(
+            saved[key].dtype == tensor.dtype and torch.equal(saved[key], tensor)
+            for key, tensor in source.items()
+        )
     # msgpack: process 0 writes the bytes flax.serialization makes of the whole state,
     # holding one gathered array at a time, never the model
     multihost.peak_gathered_bytes = 0
@@ -329,6 +340,7 @@ def main(port: str, processes: str, index: str, directory: str) -> None:
     assert sorted(p.name for p in out.iterdir()) == [
         "ckpt",
         "model.msgpack",
+        "model.pt",
         "model.safetensors",
         "sharded",
     ], list(out.iterdir())

@@ -113,6 +113,8 @@ def test_two_processes_load_and_save_each_touching_only_their_bytes(tmp_path):
         assert result["own_bytes"] == (result["total_bytes"] - replicated) // 2 + replicated
         assert result["safetensors identical"] is True
         assert "(6,)" in result["uneven"] and "'w'" in result["uneven"]
+    # process 0 wrote the state_dict of the source .pt file (torch.save of gathered arrays)
+    assert results[0]["pt identical"] is True
     # process 0 wrote what Flax writes, holding one gathered array at a time
     assert results[0]["msgpack identical"] is True
     assert 0 < results[0]["msgpack peak gathered"] <= results[0]["largest array"]

@@ -358,3 +358,28 @@ def test_cast_on_load_bf16_file_to_f32_model_and_back(tmp_path):
     back = bridge.convert(out, to="torch")
     assert back["weight"].dtype == torch.bfloat16
     assert torch.equal(back["weight"], layer.weight.detach())
+
+
+def test_a_pt_file_saved_from_nnx_holds_the_torch_state_dict(tmp_path):
+    """`bridge.save(..., format="torch")` writes what `torch.save(state_dict)` writes:
+    torch loads it with `weights_only=True` into the source module, bit for bit; the
+    file is atomic, replaced only with `overwrite=True`, and named as torch files are."""
+    torch_model = trained_torch_cnn()
+    original = torch_model.state_dict()
+    model = bridge.convert(
+        torch_model, to="nnx", template=nnx.eval_shape(lambda: NnxCnn(nnx.Rngs(0)))
+    )
+    path = tmp_path / "cnn.pt"
+    assert bridge.save(model, path, format="torch", template=torch_model) == path.absolute()
+    saved = torch.load(path, weights_only=True)
+    assert list(saved) == list(original)
+    assert_state_dicts_equal(saved, original)
+
+    with pytest.raises(bridge.OutputExistsError):
+        bridge.save(model, path, format="torch", template=torch_model)
+    assert_state_dicts_equal(torch.load(path, weights_only=True), original)
+    bridge.save(model, path, format="torch", template=torch_model, overwrite=True)
+    assert_state_dicts_equal(torch.load(path, weights_only=True), original)
+    with pytest.raises(bridge.FormatError, match=r"cnn\.safetensors: a torch file is named"):
+        bridge.save(model, tmp_path / "cnn.safetensors", format="torch", template=torch_model)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cnn.pt"]

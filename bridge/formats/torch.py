@@ -21,6 +21,8 @@ import jax
 import ml_dtypes
 import numpy as np
 
+from bridge import multihost
+from bridge.atomic import atomic_output
 from bridge.errors import FormatError
 from bridge.graph import Checkpoint, Context, register_conversion, register_format
 from bridge.layout import TORCH_FAMILIES, family, to_flax, to_torch
@@ -200,8 +202,27 @@ def read(obj: Any, ctx: Context) -> FlatState:
     return flat
 
 
-def write(flat: FlatState, ctx: Context) -> dict[str, Any]:
-    """A state_dict; leaves that share one array (tied weights) share one tensor."""
+def write(flat: FlatState, ctx: Context) -> dict[str, Any] | FilePath:
+    """A state_dict; with `path=`, that state_dict saved there by `torch.save` (atomic;
+    an existing file is replaced only with `overwrite=True`). Under `jax.distributed`
+    process 0 saves, gathering the arrays that span processes one at a time; `torch.save`
+    pickles the whole state_dict, so process 0 holds the model once."""
+    if ctx.options.get("path") is None:
+        return _state_dict(flat, ctx)
+    target = FilePath(os.fspath(ctx.options["path"]))
+    if target.suffix not in SUFFIXES:
+        raise FormatError(f"{target}: a torch file is named {'/'.join(SUFFIXES)}")
+
+    def save() -> FilePath:
+        with atomic_output(target, overwrite=bool(ctx.options.get("overwrite"))) as temp:
+            _torch().save(_state_dict(flat, ctx), temp)
+        return target.absolute()
+
+    return multihost.written_by_primary(save, target.absolute())
+
+
+def _state_dict(flat: FlatState, ctx: Context) -> dict[str, Any]:
+    """Leaves that share one array (tied weights) share one tensor."""
     tensors: dict[int, Any] = {}
     state = {}
     sources: dict[str, str] = {}
@@ -261,7 +282,7 @@ register_format(
     write=write,
     description="a torch state_dict (or numpy arrays in torch layout), an nn.Module, "
     "or a .pt/.bin/.pth file",
-    options={"modules"},
+    options={"modules", "path", "overwrite"},
     checkpoint=checkpoint,
 )
 register_conversion("torch", "nnx_state", cost=1.0, transform=to_flax)
