@@ -85,11 +85,9 @@ from bridge import diff as diffs
 from bridge.atomic import atomic_output
 from bridge.cli_errors import MISMATCH, UsageError, command, mismatch_line, set_debug, usage_failure
 from bridge.cli_options import convert_options, existing, modules_table, read_toml
+from bridge.formats.torch import SUFFIXES as TORCH_SUFFIXES
 from bridge.graph import GRAPH
 from bridge.report import Report
-
-TORCH_SUFFIXES = (".pt", ".bin", ".pth")
-
 
 # ---------------------------------------------------------------- the commands
 
