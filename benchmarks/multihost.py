@@ -17,7 +17,6 @@ against the largest array (what a gathering writer must hold) and the checkpoint
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import platform
@@ -58,6 +57,7 @@ def worker(port: str, processes: str, index: str, directory: str, layers: str) -
     import bridge
     from bridge import multihost
     from bridge.formats import safetensors as safetensors_format
+    from bridge.stream import release_freed_memory
 
     class Stack(nnx.Module):
         def __init__(self, rngs: nnx.Rngs) -> None:
@@ -81,10 +81,8 @@ def worker(port: str, processes: str, index: str, directory: str, layers: str) -
     growth = {}
     gathered = {}
 
-    libc = ctypes.CDLL("libc.so.6")
-
     def timed(step: str, call):
-        libc.malloc_trim(0)  # heap freed by earlier steps back to the system: a fair base
+        release_freed_memory()  # heap freed by earlier steps back to the system: a fair base
         multihost.peak_gathered_bytes = 0
         multihost_utils.sync_global_devices(f"before {step}")
         start = time.perf_counter()
