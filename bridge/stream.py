@@ -3,7 +3,7 @@
 never the model.
 
 A writer walks its leaves through `items` (one leaf at a time) or `batches` (a list at a
-time, for writers such as Orbax's partial save that take many arrays per call). Sources
+time, for writers such as Orbax's that take many arrays per call). Sources
 that read many arrays faster in one call than one by one (Orbax restores) hand out
 `Fetched` lazy arrays: before a batch is handed on, the arrays under its leaves are
 fetched together, and released once the writer moves on.

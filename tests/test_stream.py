@@ -26,7 +26,7 @@ import safetensors.torch
 import torch
 import transformers
 from flax import nnx, serialization, traverse_util
-from orbax.checkpoint.experimental.v1 import partial
+from orbax.checkpoint import type_handlers
 
 import bridge
 from bridge import api, progress
@@ -170,20 +170,27 @@ def test_msgpack_writer_refuses_a_value_too_large_for_msgpack():
 
 def test_safetensors_to_orbax_streams_what_the_in_memory_path_saves(tmp_path, monkeypatch, llama):
     """HF directory -> Orbax with an NNX template (transposes): batch by batch through
-    Orbax's partial save, the same arrays, description and report as in memory."""
+    Orbax's numpy writer, the same arrays, description and report as in memory."""
     _, directory = llama
     calls = []
-    original = partial.save
-    monkeypatch.setattr(partial, "save", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = type_handlers.NumpyHandler._background_serialize
+
+    async def counted(self, values, *args, **kwargs):
+        calls.append(len(values))
+        return await original(self, values, *args, **kwargs)
+
+    monkeypatch.setattr(type_handlers.NumpyHandler, "_background_serialize", counted)
     options = {"template": nnx_template(), "strict": False, "batch_bytes": SMALL_BATCH}
 
     _, streamed_report = bridge.save(directory, tmp_path / "streamed", format="orbax", **options)
     assert len(calls) > 3  # many batches
+    streamed_writes = list(calls)
     _, memory_report = in_memory(
         monkeypatch,
         lambda: bridge.save(directory, tmp_path / "memory", format="orbax", **options),
     )
-    assert len(calls) > 3 and str(streamed_report) == str(memory_report)
+    assert calls[len(streamed_writes) :] == [sum(streamed_writes)]  # one write of them all
+    assert str(streamed_report) == str(memory_report)
     # the standard v0 layout StandardCheckpointer writes: its files, metadata and arrays
     streamed, memory = tmp_path / "streamed", tmp_path / "memory"
     assert files_and_metadata(streamed) == files_and_metadata(memory)
@@ -399,27 +406,6 @@ def _env() -> dict[str, str]:
     }
 
 
-@pytest.mark.parametrize(
-    "change",
-    [
-        lambda ckpt: (ckpt / "extra").write_text(""),  # a file bridge does not know of
-        lambda ckpt: (ckpt / "state" / "_METADATA").rename(ckpt / "_METADATA"),
-        lambda ckpt: (ckpt / "state" / "commit_success.txt").write_text(""),  # a collision
-    ],
-)
-def test_a_partial_save_layout_bridge_does_not_know_is_refused(tmp_path, monkeypatch, change):
-    """Should Orbax's partial save write another layout than the v1 one bridge turns into
-    a standard checkpoint, the conversion stops and leaves nothing under the target."""
-    file = tmp_path / "weights.safetensors"
-    safetensors.numpy.save_file(many_tensors(), file)
-    original = partial.finalize
-    monkeypatch.setattr(partial, "finalize", lambda path: original(path) or change(Path(path)))
-    with pytest.raises(FormatError, match="not the v1 layout bridge turns into a standard") as e:
-        bridge.save(file, tmp_path / "out" / "ckpt", format="orbax", batch_bytes=SMALL_BATCH)
-    assert str(e.value).startswith(f"{tmp_path / 'out' / 'ckpt'}: ")
-    assert list((tmp_path / "out").iterdir()) == []
-
-
 def test_cli_converts_a_file_into_a_checkpoint_in_batches(tmp_path):
     directory = tmp_path / "weights.safetensors"
     safetensors.numpy.save_file(many_tensors(), directory)
@@ -457,21 +443,21 @@ def test_cli_converts_a_file_into_a_checkpoint_in_batches(tmp_path):
 KILLED = textwrap.dedent(
     """
     import sys, time
-    from orbax.checkpoint.experimental.v1 import partial
+    from orbax.checkpoint import type_handlers
     import bridge
 
-    original, calls = partial.save, []
+    original, calls = type_handlers.NumpyHandler._background_serialize, []
 
 
-    def save_then_hang(*args, **kwargs):  # the second batch is saved, then the process hangs
-        original(*args, **kwargs)
+    async def write_then_hang(*args, **kwargs):  # the second batch is written, then a hang
+        await original(*args, **kwargs)
         calls.append(1)
         if len(calls) == 2:
             print("stuck", flush=True)
             time.sleep(3600)
 
 
-    partial.save = save_then_hang
+    type_handlers.NumpyHandler._background_serialize = write_then_hang
     bridge.save(sys.argv[1], sys.argv[2], format="orbax", batch_bytes=20_000, overwrite=True)
     """
 )
@@ -507,3 +493,23 @@ def test_a_killed_streamed_conversion_leaves_no_half_checkpoint(tmp_path):
     assert left  # the killed conversion's temporary, holding its half checkpoint
     bridge.save(directory, target, format="orbax", overwrite=True, batch_bytes=SMALL_BATCH)
     assert [p.name for p in target.parent.iterdir()] == ["ckpt"]  # swept by the next save
+
+
+def test_a_read_failing_mid_conversion_into_orbax_is_its_typed_error(tmp_path, monkeypatch):
+    """The file is read inside Orbax's save (in its background thread): a read that
+    fails there still reaches the caller as bridge's own error, nothing left behind."""
+    file = tmp_path / "weights.safetensors"
+    safetensors.numpy.save_file(many_tensors(), file)
+    original, reads = safetensors_format.SafetensorsArray.read, []
+
+    def failing_read(self, index=...):
+        reads.append(1)
+        if len(reads) == 5:
+            raise FormatError(f"{file}: cut short")
+        return original(self, index)
+
+    monkeypatch.setattr(safetensors_format.SafetensorsArray, "read", failing_read)
+    with pytest.raises(FormatError, match="cut short"):
+        bridge.save(file, tmp_path / "out" / "ckpt", format="orbax", batch_bytes=SMALL_BATCH)
+    assert len(reads) == 5
+    assert list((tmp_path / "out").iterdir()) == []

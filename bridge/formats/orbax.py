@@ -15,8 +15,8 @@ the checkpoint.
 
 Reading uses Orbax's stable top-level API (`PyTreeCheckpointHandler`). Writing
 (`orbax_save`) gives the standard v0 checkpoint `StandardCheckpointer` writes, whether
-from memory or converting a file in batches (Orbax's partial save, its v1 layout turned
-into the v0 one).
+from memory or converting a file in batches (one Orbax save whose numpy writer reads a
+batch at a time).
 
 Orbax stores dict keys as strings and names arrays by joining keys with ".", so int keys
 come back as digit strings, and `{"a.b": x, "a": {"b": y}}` silently restores one of the
