@@ -134,7 +134,11 @@ def run_one(case: str, source: Path, out: Path, layers: int, batch: str | None) 
     return {"seconds": time.perf_counter() - start, "growth": memory.peak - memory.base}
 
 
-def measure(case: str, source: Path, out: Path, layers: int, batch: str | None, repeat: int):
+def measure(
+    case: str, source: Path, out: Path, layers: int, batch: str | None, repeat: int, keep: bool
+) -> dict:
+    """`case` run `repeat` times in fresh processes; the last run's output is deleted
+    unless `keep`."""
     command = [sys.executable, __file__, "--run", case, "--source", str(source)]
     command += ["--out", str(out), "--layers", str(layers)]
     command += ["--batch", batch] if batch else []
@@ -143,7 +147,8 @@ def measure(case: str, source: Path, out: Path, layers: int, batch: str | None, 
         subprocess.run(["rm", "-rf", str(out)], check=True)
         done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True, timeout=3600)
         runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    subprocess.run(["rm", "-rf", str(out)], check=True)
+    if not keep:
+        subprocess.run(["rm", "-rf", str(out)], check=True)
     result = {
         "seconds": min(r["seconds"] for r in runs),
         "growth": max(r["growth"] for r in runs),
@@ -177,20 +182,20 @@ def main() -> None:
         weights = work / ("model" if args.shard_gb else "model.safetensors")
         size = generate(weights, layers, "float32", args.shard_gb)
         checkpoint = work / "ckpt"
+        # the Orbax cases read the recipe's checkpoint (v0), or where the recipe is not
+        # run (too large to load whole) bridge's streamed one: the last run's output kept
+        maker = "st_to_orbax_recipe" if "st_to_orbax_recipe" in args.cases else "st_to_orbax"
         for case in args.cases:
             if case.startswith("orbax") and not checkpoint.exists():
-                # the Orbax cases read the recipe's checkpoint (v0), or where the recipe
-                # is not run (too large to load whole) bridge's streamed one
-                recipe = "st_to_orbax_recipe"
-                maker = recipe if recipe in args.cases else "st_to_orbax"
                 subprocess.run(
                     [sys.executable, __file__, "--run", maker, "--source", str(weights),
                      "--out", str(checkpoint), "--layers", str(layers)],
                     check=True, stdout=subprocess.DEVNULL, timeout=3600,
                 )  # fmt: skip
             source = checkpoint if case.startswith("orbax") else weights
-            out = work / ("out.safetensors" if case.startswith("orbax_to_st") else "out")
-            results[case] = measure(case, source, out, layers, args.batch, args.repeat)
+            keep = case == maker and not checkpoint.exists()
+            out = checkpoint if keep else work / ("out.safetensors" if "to_st" in case else "out")
+            results[case] = measure(case, source, out, layers, args.batch, args.repeat, keep)
 
     lines = [
         f"Machine: {machine()}",

@@ -76,8 +76,9 @@ def _run(
     template_format = None if template is None else GRAPH.format(GRAPH.detect(template))
     known = frozenset().union(
         {"dtype", "casting", "progress", "batch_bytes", "threads"},
-        src_format.options,
-        *(GRAPH.format(e.dst).options for e in hops),
+        dst_format.options,  # only the target's writer runs; the formats before it are read
+        src_format.read_options,
+        *(GRAPH.format(e.dst).read_options for e in hops),
     )
     if unknown := sorted(set(options) - known):
         raise TypeError(

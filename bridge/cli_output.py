@@ -83,7 +83,12 @@ def edge_json(edge: Edge) -> dict[str, Any]:
 def formats_json(formats: dict[str, Format], edges: list[Edge]) -> dict[str, Any]:
     return {
         "formats": [
-            {"name": n, "description": f.description, "options": sorted(f.options)}
+            {
+                "name": n,
+                "description": f.description,
+                "options": sorted(f.options),
+                "read_options": sorted(f.read_options),
+            }
             for n, f in sorted(formats.items())
         ],
         "conversions": [edge_json(e) for e in edges],
@@ -92,9 +97,14 @@ def formats_json(formats: dict[str, Format], edges: list[Edge]) -> dict[str, Any
 
 def print_formats(formats: dict[str, Format], edges: list[Edge]) -> None:
     out = console()
-    table = _table("formats", ("name", "description", "options"))
+    table = _table("formats", ("name", "description", "write options", "read options"))
     for name, fmt in sorted(formats.items()):
-        table.add_row(name, fmt.description, ", ".join(sorted(fmt.options)) or "-")
+        table.add_row(
+            name,
+            fmt.description,
+            ", ".join(sorted(fmt.options)) or "-",
+            ", ".join(sorted(fmt.read_options)) or "-",
+        )
     out.print(table)
     table = _table("conversions", ("edge", "cost", "lossy", "needs"))
     for e in sorted(edges, key=lambda e: (e.src, e.dst)):

@@ -83,6 +83,10 @@ class Format:
     description: str = ""
     spell: Callable[[Path, Leaf], str] = lambda path, leaf: dotted(path)
     options: frozenset[str] = frozenset()
+    """The call options its writer takes (`path`: it writes files)."""
+    read_options: frozenset[str] = frozenset()
+    """The call options its reader (and a route's conversions through it) take: a read
+    refuses the writer's (`overwrite=` when nothing is written)."""
     inspect: Reader | None = None
     """Reads keys, shapes and dtypes without array data (placeholder leaves), for
     formats whose `read` would load the arrays; None when `read` already reads nothing."""
@@ -243,12 +247,14 @@ def register_format(
     description: str = "",
     spell: Callable[[Path, Leaf], str] | None = None,
     options: Collection[str] = (),
+    read_options: Collection[str] = (),
     inspect: Reader | None = None,
     checkpoint: Callable[[Any], Checkpoint | None] | None = None,
     checkpoint_files: bool = False,
 ) -> Format:
     """Add a format: `detect(obj)` scores 0..1, `read(obj, ctx)` gives a flat state,
-    `write(flat, ctx)` builds the object back. `checkpoint(obj)` gives the files' layout
+    `write(flat, ctx)` builds the object back; `options` / `read_options` name the call
+    options each takes. `checkpoint(obj)` gives the files' layout
     of an object of this format where it has its own (`Checkpoint`); `checkpoint_files`
     says this format's files take it."""
     fmt = Format(
@@ -258,6 +264,7 @@ def register_format(
         write,
         description,
         options=frozenset(options),
+        read_options=frozenset(read_options),
         inspect=inspect,
         checkpoint=checkpoint,
         checkpoint_files=checkpoint_files,

@@ -549,7 +549,8 @@ register_format(
     write=write,
     inspect=inspect,
     description="an Orbax checkpoint directory (v0, v1, or a CheckpointManager root of steps)",
-    options={"path", "overwrite", "step", "only"},
+    options={"path", "overwrite"},
+    read_options={"step", "only"},
 )
 register_conversion("orbax", "nnx_state", cost=1.0)
 register_conversion("nnx_state", "orbax", cost=1.0, needs={"path"})

@@ -188,6 +188,12 @@ class _Unread:
         self.path, self.leaf = path, leaf
 
 
+def _unread(path: TreePath, leaf: Leaf) -> Any:
+    """What the streamed save is given for `leaf`: a jax array already in memory (a PRNG
+    key Orbax restored) as it is, for Orbax's jax array handler; anything else unread."""
+    return leaf.value if isinstance(leaf.value, jax.Array) else _Unread(path, leaf)
+
+
 class _BatchWriter(type_handlers.NumpyHandler):
     """Orbax's numpy writer for `_Unread` leaves. Orbax hands a handler all its leaves in
     one call; this one reads a batch (`stream.batches`), has Orbax's numpy writer write
@@ -228,8 +234,7 @@ class _BatchWriter(type_handlers.NumpyHandler):
 
 def _streaming_handler(writer: _BatchWriter) -> ocp.PyTreeCheckpointHandler:
     """The pytree handler `StandardCheckpointHandler` wraps, with its settings, taking
-    `writer` for `_Unread` leaves (and Orbax's jax array handler, whose absence Orbax
-    warns of)."""
+    `writer` for `_Unread` leaves and Orbax's own for jax arrays."""
     registry = type_handlers.create_type_handler_registry(
         (jax.Array, type_handlers.get_type_handler(jax.Array)), (_Unread, writer)
     )
@@ -318,8 +323,10 @@ def write(flat: FlatState, ctx: Context) -> Path:
     with multihost.shared_output(target, overwrite=overwrite, directory=True) as temp:
         try:
             if ctx.streaming:
-                unread = {names[path][0]: _Unread(path, leaf) for path, leaf in flat.items()}
-                tree, writer = unflatten_mapping(unread), _BatchWriter(ctx, names)
+                tree = unflatten_mapping(
+                    {names[path][0]: _unread(path, leaf) for path, leaf in flat.items()}
+                )
+                writer = _BatchWriter(ctx, names)
             else:
                 writer = None
             _orbax_save(target, temp, tree, custom, writer)

@@ -283,6 +283,7 @@ register_format(
     description="a torch state_dict (or numpy arrays in torch layout), an nn.Module, "
     "or a .pt/.bin/.pth file",
     options={"modules", "path", "overwrite"},
+    read_options={"modules"},
     checkpoint=checkpoint,
 )
 register_conversion("torch", "nnx_state", cost=1.0, transform=to_flax)
