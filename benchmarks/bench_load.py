@@ -31,6 +31,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from results import record
@@ -289,15 +290,21 @@ def method_floor_jax(path: Path, template, layers: int, dtype: str):
     return out
 
 
-def method_export_bridge(path: Path, template, layers: int, dtype: str):
+def method_export_bridge(path: Path, template, layers: int, dtype: str, threads: Any = 1):
     import bridge
 
     model = bridge.convert(path, to="nnx", template=template, progress=False)
     out = path.with_name("export-bridge.safetensors")
     start = time.perf_counter()
     with AnonPeak() as memory:
-        bridge.save(model, out, format="safetensors", overwrite=True, progress=False)
+        bridge.save(
+            model, out, format="safetensors", overwrite=True, progress=False, threads=threads
+        )
     return time.perf_counter() - start, memory
+
+
+def method_export_bridge_threads(path: Path, template, layers: int, dtype: str):
+    return method_export_bridge(path, template, layers, dtype, threads="auto")
 
 
 def method_export_save_file_fsync(path: Path, template, layers: int, dtype: str):
@@ -339,6 +346,7 @@ METHODS = {
     "floor_numpy": method_floor_numpy,
     "floor_jax": method_floor_jax,
     "export_bridge": method_export_bridge,
+    "export_bridge_threads": method_export_bridge_threads,
     "export_save_file": method_export_save_file,
     "export_save_file_fsync": method_export_save_file_fsync,
 }
@@ -442,6 +450,12 @@ def table(results: dict[str, dict | None], size: int, bandwidth: float) -> list[
     export, save_file = results.get("export_bridge"), results.get("export_save_file")
     if export and save_file:
         lines.append(row("export: bridge.save", export, save_file, size, " x save_file"))
+        if threaded := results.get("export_bridge_threads"):
+            lines.append(
+                row(
+                    'export: bridge.save, threads="auto"', threaded, save_file, size, " x save_file"
+                )
+            )
         lines.append(
             row(
                 "export: save_file of the same arrays, torch layout",

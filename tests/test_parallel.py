@@ -95,6 +95,30 @@ def test_at_most_threads_plus_one_items_are_in_flight(threads):
     assert most <= threads + 1
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_safetensors_exports_on_threads_write_the_bytes_of_one_thread(
+    checkpoint, tmp_path, monkeypatch, threads
+):
+    """An export makes each tensor's bytes (host copy, transpose, byte order) on the
+    pool (`in_order`: at most `threads + 1` in flight) while earlier ones are written:
+    the same file, byte for byte, as one thread."""
+    path, tensors = checkpoint
+    model = bridge.load(path, to="nnx", template=nnx.eval_shape(lambda: Many(nnx.Rngs(0))))
+    one = bridge.save(model, tmp_path / "one.safetensors", format="safetensors", threads=1)
+    module = sys.modules["bridge.formats.safetensors"]
+    makers = []
+    original = module._little_endian
+    monkeypatch.setattr(
+        module,
+        "_little_endian",
+        lambda key, leaf: makers.append(threading.current_thread()) or original(key, leaf),
+    )
+    many = bridge.save(model, tmp_path / "many.safetensors", format="safetensors", threads=threads)
+    assert many.read_bytes() == one.read_bytes()
+    assert len(makers) == len(tensors)
+    assert threading.main_thread() not in makers  # all made on the pool
+
+
 def test_the_first_error_in_input_order_is_raised():
     def work(item: int) -> int:
         if item in (3, 6):

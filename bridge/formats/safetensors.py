@@ -32,6 +32,7 @@ from bridge import multihost
 from bridge.atomic import Temporary, atomic_output, fsync, make_directory, move, output_of, sweep
 from bridge.errors import FormatError, OutputExistsError
 from bridge.graph import Context, register_conversion, register_format
+from bridge.parallel import in_order, thread_count
 from bridge.stream import items, parse_size
 from bridge.tree import FlatState, LazyArray, Leaf, as_numpy, dotted, parse_dotted
 
@@ -436,20 +437,29 @@ def _header(leaves: Mapping[str, Leaf]) -> tuple[bytes, list[str]]:
 
 
 def _saver(shards: Mapping[str, Mapping[str, Leaf]], ctx: Context) -> Callable[[str, Path], None]:
-    """`save(name, file)` writes shard `name` into `file`, one tensor in memory at a time:
-    the header first (shapes and dtypes are known without the data), then each tensor's
-    bytes in header order. The shards are read as one stream, in batches, under one bar."""
+    """`save(name, file)` writes shard `name` into `file`: the header first (shapes and
+    dtypes are known without the data), then each tensor's bytes in header order. The
+    shards are read as one stream, in batches, under one bar. From memory, with
+    `threads=`, the next tensors' bytes (host copies, transposes, byte order) are made on
+    that many threads while one is written, `threads + 1` at most in memory; converting a
+    file (its batches fetched together) or under `jax.distributed` (process 0's reads
+    are gathers the others serve one by one), one at a time."""
     headers = {name: _header(leaves) for name, leaves in shards.items()}
     keyed = {(key,): shards[name][key] for name, (_, order) in headers.items() for key in order}
-    tensors = items(keyed, ctx, "saving")
+    alone = ctx.streaming or multihost.processes() > 1
+    tensors = in_order(
+        lambda item: _little_endian(item[0][0], item[1]),
+        items(keyed, ctx, "saving"),
+        1 if alone else thread_count(ctx.options),
+    )
 
     def save(name: str, file: Path) -> None:
         header, order = headers.pop(name)
         with open(file, "wb") as out:
             out.write(header)
             for _ in order:
-                (key,), leaf = next(tensors)
-                out.write(_little_endian(key, leaf).reshape(-1).view(np.uint8))
+                _, data = next(tensors)
+                out.write(data.reshape(-1).view(np.uint8))
         if not headers:
             next(tensors, None)  # the end of the stream: its bar completes
 
