@@ -71,7 +71,7 @@ class Derived(LazyArray):
     dtype: Any
 
     def read(self, index: Any = ...) -> np.ndarray:
-        return np.asarray(self.fn(*(np.asarray(source) for source in self.sources)))[index]
+        return np.asarray(self.fn(*(read_slice(source) for source in self.sources)))[index]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -119,12 +119,42 @@ class Cast(LazyArray):
         return np.asarray(read_slice(self.source, index)).astype(self.dtype)
 
 
+def _on_cpu(array: jax.Array) -> jax.Array:
+    """A one-device array on the CPU device (a copy if elsewhere), where `np.asarray` is a
+    view of its buffer; as it is without a CPU backend."""
+    if next(iter(array.devices())).platform == "cpu":
+        return array
+    try:
+        cpu = jax.local_devices(backend="cpu")[0]
+    except RuntimeError:
+        return array
+    return jax.device_put(array, cpu)
+
+
+def host_array(value: Any) -> np.ndarray:
+    """`np.asarray(value)`, but a jax array is copied to the host shard by shard.
+
+    `np.asarray` of an array on an accelerator or over several devices keeps the host
+    copy it makes on the array (jax's `_npy_value`, also made by `device_put` to one
+    device) for as long as the array lives: an export would end holding a host copy of
+    the whole model. Copied here, the host copy is the caller's, gone once written."""
+    if not isinstance(value, jax.Array) or not value.is_fully_addressable:
+        return np.asarray(value)
+    if value.is_fully_replicated:
+        return np.asarray(_on_cpu(value.addressable_data(0)))
+    out = np.empty(value.shape, value.dtype)
+    for shard in value.addressable_shards:
+        if shard.replica_id == 0:
+            out[shard.index] = np.asarray(_on_cpu(shard.data))
+    return out
+
+
 def read_slice(value: Any, index: Any = ..., *, view: bool = False) -> Any:
     """`value[index]`, reading only that slice where `value` is lazy; with `view=True`
     possibly memory it does not own (see `LazyArray.view`)."""
     if isinstance(value, LazyArray):
         return value.view(index) if view else value.read(index)
-    array = np.asarray(on_this_process(value))
+    array = host_array(on_this_process(value))
     return array[index] if index is not Ellipsis else array
 
 
@@ -552,9 +582,10 @@ def by_collection(flat: Mapping[Path, Any], where: str) -> FlatState:
 
 def as_numpy(key: str, value: Any) -> np.ndarray:
     """`np.asarray(value)` for a writer, turning "not an array" into a `FormatError` that
-    names the key (a lazy source that is itself corrupt raises its own)."""
+    names the key (a lazy source that is itself corrupt raises its own); jax arrays are
+    copied as `host_array` says."""
     try:
-        return np.asarray(on_this_process(value, repr(key)))
+        return host_array(on_this_process(value, repr(key)))
     except FormatError:
         raise
     except (TypeError, ValueError) as exc:

@@ -82,6 +82,18 @@ def main(directory: str) -> None:
     sizes = {tuple(part.stop - part.start for part in index) for index in weight_reads}
     assert sizes == {(4, 4)}, weight_reads
 
+    # exports copy each sharded array to the host once, and leave no host copy cached on
+    # the model's arrays (np.asarray would keep one on each: jax's _npy_value)
+    out = os.path.join(directory, "exported.safetensors")
+    bridge.save(from_pt, out, format="safetensors")
+    bridge.save(from_pt, os.path.join(directory, "exported.msgpack"), format="msgpack")
+    for variable in (from_pt.up.kernel, from_pt.up.bias, from_pt.embed.embedding):
+        assert variable.get_value()._npy_value is None, variable
+    exported = bridge.convert(out, to="torch")
+    assert {key: value.numpy().tobytes() for key, value in exported.items()} == {
+        key: value.tobytes() for key, value in state.items()
+    }
+
     # a big-endian array is placed slice by slice too, in native byte order, same values
     big_endian = np.arange(8, dtype=">f4")
     halves = jax.sharding.NamedSharding(mesh, jax.P("a"))
