@@ -4,11 +4,12 @@ grows with the batch, not with the checkpoint.
 Orbax's `PyTreeCheckpointHandler.restore` restores a tree: every call reads and parses the
 item's `_METADATA`, maps over the whole tree and builds a `ParamInfo` for every array, even
 when all leaves but a batch's are placeholders (`partial_restore=True` does the same
-work). Restoring n arrays in k batches through it cost O(k*n): 1.5 GB in 8 MB batches spent
-12.6 of its 17.5 s in 171 such calls. An `Item` does that whole-tree work once, with the
-handler's own methods, and restores a batch with the call `restore` makes to read arrays,
-the type handlers' `deserialize`, given the batch's arrays alone: the same tensorstore
-reads, the same arrays.
+work). Restoring n arrays in k batches through it cost O(k*n): Orbax -> safetensors of
+1.5 GB in 8 MB batches spent 12.8 of its 18.4 s in those calls; 2,000 arrays in 125
+batches took 75 s. An `Item` does that whole-tree work once, with the handler's own
+methods, and restores a batch with the call `restore` makes to read arrays, the type
+handlers' `deserialize`, given the batch's arrays alone: the same tensorstore reads, the
+same arrays (3.1 of 8.5 s; 1.5 s).
 """
 
 from __future__ import annotations
@@ -114,13 +115,11 @@ class Item(Fetcher):
             ) from exc
 
     @functools.cached_property
-    def _arrays(self) -> dict[StoredPath, tuple[Any, Any]]:
-        """Each leaf's stored value metadata and `ParamInfo`, with the settings `restore`
-        takes from the metadata."""
+    def _infos(self) -> dict[StoredPath, Any]:
+        """Each leaf's `ParamInfo`, with the settings `restore` takes from the metadata."""
         metadata, directory = self._metadata, epath.Path(self.directory)
-        tree = metadata.as_nested_tree()
         infos = self._handler._get_param_infos(
-            item=tree,
+            item=metadata.as_nested_tree(),
             directory=directory,
             use_ocdbt=ocp.type_handlers.is_ocdbt_checkpoint(directory)
             if metadata.use_ocdbt is None
@@ -128,22 +127,18 @@ class Item(Fetcher):
             use_zarr3=bool(metadata.use_zarr3),  # the handler's default: False
             raise_array_data_missing_error=metadata.store_array_data_equal_to_fill_value,
         )
-        values = dict(flatten(tree))
-        return {stored: (values[stored], info) for stored, info in flatten(infos)}
+        return dict(flatten(infos))
 
     def restore(self, wanted: Mapping[StoredPath, ocp.RestoreArgs]) -> dict[StoredPath, Any]:
-        """The `wanted` arrays, restored as their args say, by one `deserialize` call per
-        type handler."""
+        """The `wanted` arrays, each restored as its args' `restore_type` says, by one
+        `deserialize` call per type handler."""
         requests: dict[Any, tuple[list[StoredPath], list[Any], list[Any]]] = {}
         try:
             for stored, args in wanted.items():
-                value, info = self._arrays[stored]
-                handler = self._handler._type_handler_registry.get(
-                    args.restore_type or value.value_type
-                )
+                handler = self._handler._type_handler_registry.get(args.restore_type)
                 keys, infos, arguments = requests.setdefault(handler, ([], [], []))
                 keys.append(stored)
-                infos.append(info)
+                infos.append(self._infos[stored])
                 arguments.append(args)
 
             async def deserialize() -> list[Any]:
