@@ -414,7 +414,8 @@ class _OrbaxWork:
         self.calls: list[list[str]] = []
         read_metadata = ocp.BasePyTreeCheckpointHandler._read_metadata_file
         new_info = ocp.type_handlers.ParamInfo.__init__
-        deserialize = ocp.type_handlers.NumpyHandler.deserialize
+        readers = (ocp.type_handlers.NumpyHandler, ocp.type_handlers.ArrayHandler)
+        deserialize = {reader: reader.deserialize for reader in readers}
 
         async def metadata(handler, directory):
             self.metadata += 1
@@ -424,13 +425,17 @@ class _OrbaxWork:
             self.infos += 1
             new_info(param, *args, **kwargs)
 
-        async def read(handler, infos, args=None):
-            self.calls.append([param.name for param in infos])
-            return await deserialize(handler, infos, args)
+        def reader(cls):
+            async def read(handler, infos, args=None):
+                self.calls.append([param.name for param in infos])
+                return await deserialize[cls](handler, infos, args)
+
+            return read
 
         monkeypatch.setattr(ocp.BasePyTreeCheckpointHandler, "_read_metadata_file", metadata)
         monkeypatch.setattr(ocp.type_handlers.ParamInfo, "__init__", info)
-        monkeypatch.setattr(ocp.type_handlers.NumpyHandler, "deserialize", read)
+        for cls in readers:
+            monkeypatch.setattr(cls, "deserialize", reader(cls))
 
     def during(self, call: Any, *args: Any) -> tuple[int, int, list[list[str]]]:
         self.metadata = self.infos = 0
@@ -444,11 +449,14 @@ def test_a_batch_costs_orbax_work_for_its_own_arrays_not_the_whole_checkpoint(
 ):
     """Orbax's tree restore parses the item's `_METADATA` and builds a `ParamInfo` for every
     array on each call, however few it restores: restoring in k batches cost k times the
-    whole tree. For a load and for a streamed conversion, restoring each array alone must
-    cost Orbax the same metadata and `ParamInfo` work as restoring all in one call, and
-    every array must reach Orbax's reader exactly once, with its batch."""
+    whole tree. For a load (as numpy, and onto a template's devices), and for a streamed
+    conversion, restoring each array alone must cost Orbax the same metadata and
+    `ParamInfo` work as restoring all in one call, and every array must reach Orbax's
+    readers exactly once, with its batch."""
     tree = {f"w{i}": _random(50 + i, seed=i) for i in range(24)}
     path = bridge.save(tree, tmp_path / "ckpt", format="orbax", source="torch")
+    model = make_nnx_net()
+    nnx_path = bridge.save(model, tmp_path / "nnx", format="orbax")
     work = _OrbaxWork(monkeypatch)
 
     def load(batch: int):
@@ -462,15 +470,21 @@ def test_a_batch_costs_orbax_work_for_its_own_arrays_not_the_whole_checkpoint(
         back = safetensors.numpy.load_file(out)
         assert all(back[key].tobytes() == tree[key].tobytes() for key in tree)
 
-    for convert in (load, stream):
+    def onto_template(batch: int):
+        loaded = bridge.convert(nnx_path, to="nnx", template=abstract_nnx_net(), batch_bytes=batch)
+        assert all(isinstance(value, jax.Array) for _, value in leaves_of(loaded).values())
+        _assert_same_models(leaves_of(loaded), leaves_of(model))
+
+    names = sorted(row.target for row in bridge.inspect(nnx_path).rows)  # as stored
+    for convert, arrays in ((load, sorted(tree)), (stream, sorted(tree)), (onto_template, names)):
         metadata, infos, calls = work.during(convert, 10**9)
-        assert len(calls) == 1 and sorted(calls[0]) == sorted(tree), convert
+        assert len(calls) == 1 and sorted(calls[0]) == arrays, convert
         with monkeypatch.context() as patch:
             patch.setattr(orbax_restore, "MIN_RESTORE_BATCH", 1)
             one_by_one = work.during(convert, 1)
-        assert sorted(name for call in one_by_one[2] for name in call) == sorted(tree)
-        assert [len(call) for call in one_by_one[2]] == [1] * len(tree), convert
-        assert one_by_one[:2] == (metadata, infos) and infos <= 3 * len(tree), convert
+        assert sorted(name for call in one_by_one[2] for name in call) == arrays, convert
+        assert [len(call) for call in one_by_one[2]] == [1] * len(arrays), convert
+        assert one_by_one[:2] == (metadata, infos) and infos <= 3 * len(arrays), convert
 
 
 @pytest.mark.filterwarnings("ignore:Sharding info not provided")  # Orbax's restore, jax arrays
