@@ -9,6 +9,7 @@ import importlib
 import shutil
 import warnings
 from pathlib import Path
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -17,6 +18,7 @@ import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import safetensors.numpy
 import torch
 from conftest import LinenNet, abstract_nnx_net, assert_same_arrays, leaves_of, make_nnx_net
 from flax import nnx
@@ -34,6 +36,7 @@ pytestmark = pytest.mark.filterwarnings(
     "ignore::pytest.PytestUnraisableExceptionWarning"
 )
 orbax_format = importlib.import_module("bridge.formats.orbax")  # not yet in bridge.formats
+orbax_restore = importlib.import_module("bridge.formats.orbax_restore")
 FORMAT = GRAPH.format("orbax")
 _FLAGS = nnx.Variable.required_metadata
 
@@ -376,15 +379,15 @@ def test_a_load_restores_largest_first_in_batches_no_larger_than_what_remains(
     tree = {f"w{i}": _random(n, seed=i) for i, n in enumerate(sizes)}
     bridge.save(tree, tmp_path / "ckpt", format="orbax", source="torch")
     calls: list[list[int]] = []
-    original = orbax_format._restore_item
+    original = orbax_restore.Item.restore
 
-    def restore(directory, stored_tree, wanted):
-        restored = original(directory, stored_tree, wanted)
+    def restore(item, wanted):
+        restored = original(item, wanted)
         calls.append([value.nbytes for value in restored.values()])
         return restored
 
-    monkeypatch.setattr(orbax_format, "_restore_item", restore)
-    monkeypatch.setattr(orbax_format, "MIN_RESTORE_BATCH", 1)
+    monkeypatch.setattr(orbax_restore.Item, "restore", restore)
+    monkeypatch.setattr(orbax_restore, "MIN_RESTORE_BATCH", 1)
     flat = bridge.convert(tmp_path / "ckpt", to="torch", batch_bytes=40_000)
     assert list(flat) == sorted(tree)  # the order Orbax keeps, not the restore order
     for key, value in tree.items():
@@ -402,6 +405,126 @@ def test_a_load_restores_largest_first_in_batches_no_larger_than_what_remains(
     assert len(calls) > 4 and len(calls[-1]) == 1  # the last: small arrays, one by one
 
 
+class _OrbaxWork:
+    """Counts the work Orbax does for bridge: tree metadata parsed, `ParamInfo`s built (one
+    per array per whole-tree pass), and the array names each reader call was given."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.metadata = self.infos = 0
+        self.calls: list[list[str]] = []
+        read_metadata = ocp.BasePyTreeCheckpointHandler._read_metadata_file
+        new_info = ocp.type_handlers.ParamInfo.__init__
+        readers = (ocp.type_handlers.NumpyHandler, ocp.type_handlers.ArrayHandler)
+        deserialize = {reader: reader.deserialize for reader in readers}
+
+        async def metadata(handler, directory):
+            self.metadata += 1
+            return await read_metadata(handler, directory)
+
+        def info(param, *args, **kwargs):
+            self.infos += 1
+            new_info(param, *args, **kwargs)
+
+        def reader(cls):
+            async def read(handler, infos, args=None):
+                self.calls.append([param.name for param in infos])
+                return await deserialize[cls](handler, infos, args)
+
+            return read
+
+        monkeypatch.setattr(ocp.BasePyTreeCheckpointHandler, "_read_metadata_file", metadata)
+        monkeypatch.setattr(ocp.type_handlers.ParamInfo, "__init__", info)
+        for cls in readers:
+            monkeypatch.setattr(cls, "deserialize", reader(cls))
+
+    def during(self, call: Any, *args: Any) -> tuple[int, int, list[list[str]]]:
+        self.metadata = self.infos = 0
+        self.calls = []
+        call(*args)
+        return self.metadata, self.infos, self.calls
+
+
+def test_a_batch_costs_orbax_work_for_its_own_arrays_not_the_whole_checkpoint(
+    tmp_path, monkeypatch
+):
+    """Orbax's tree restore parses the item's `_METADATA` and builds a `ParamInfo` for every
+    array on each call, however few it restores: restoring in k batches cost k times the
+    whole tree. For a load (as numpy, and onto a template's devices), and for a streamed
+    conversion, restoring each array alone must cost Orbax the same metadata and
+    `ParamInfo` work as restoring all in one call, and every array must reach Orbax's
+    readers exactly once, with its batch."""
+    tree = {f"w{i}": _random(50 + i, seed=i) for i in range(24)}
+    path = bridge.save(tree, tmp_path / "ckpt", format="orbax", source="torch")
+    model = make_nnx_net()
+    nnx_path = bridge.save(model, tmp_path / "nnx", format="orbax")
+    work = _OrbaxWork(monkeypatch)
+
+    def load(batch: int):
+        flat = bridge.convert(path, to="torch", batch_bytes=batch)
+        assert all(flat[key].numpy().tobytes() == tree[key].tobytes() for key in tree)
+
+    def stream(batch: int):
+        out = bridge.save(
+            path, tmp_path / f"{batch}.safetensors", format="safetensors", batch_bytes=batch
+        )
+        back = safetensors.numpy.load_file(out)
+        assert all(back[key].tobytes() == tree[key].tobytes() for key in tree)
+
+    def onto_template(batch: int):
+        loaded = bridge.convert(nnx_path, to="nnx", template=abstract_nnx_net(), batch_bytes=batch)
+        assert all(isinstance(value, jax.Array) for _, value in leaves_of(loaded).values())
+        _assert_same_models(leaves_of(loaded), leaves_of(model))
+
+    names = sorted(row.target for row in bridge.inspect(nnx_path).rows)  # as stored
+    for convert, arrays in ((load, sorted(tree)), (stream, sorted(tree)), (onto_template, names)):
+        metadata, infos, calls = work.during(convert, 10**9)
+        assert len(calls) == 1 and sorted(calls[0]) == arrays, convert
+        with monkeypatch.context() as patch:
+            patch.setattr(orbax_restore, "MIN_RESTORE_BATCH", 1)
+            one_by_one = work.during(convert, 1)
+        assert sorted(name for call in one_by_one[2] for name in call) == arrays, convert
+        assert [len(call) for call in one_by_one[2]] == [1] * len(arrays), convert
+        assert one_by_one[:2] == (metadata, infos) and infos <= 3 * len(arrays), convert
+
+
+@pytest.mark.filterwarnings("ignore:Sharding info not provided")  # Orbax's restore, jax arrays
+@pytest.mark.parametrize(
+    "ocdbt, zarr3", [(True, False), (False, False), (True, True), (False, True)]
+)
+def test_arrays_restored_batch_by_batch_are_the_bytes_orbax_restores(tmp_path, ocdbt, zarr3):
+    """Every storage Orbax writes (OCDBT or one zarr directory per array, zarr v2 or v3),
+    with list positions, bfloat16, integers and a Python scalar: loaded and converted an
+    array per batch, each array is what Orbax's own restore of the whole tree gives."""
+    tree = {
+        "layers": [{"w": _random((3, 4), seed=i)} for i in range(3)],
+        "bf16": jnp.linspace(-1, 1, 7, dtype=jnp.bfloat16),
+        "ids": np.arange(11, dtype=np.int64),
+        "temperature": 0.5,
+    }
+    handler = ocp.PyTreeCheckpointHandler(use_ocdbt=ocdbt, use_zarr3=zarr3)
+    with ocp.Checkpointer(handler) as checkpointer:
+        checkpointer.save(tmp_path / "ckpt", args=ocp.args.PyTreeSave(tree))
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        expected = {
+            ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in keys): np.asarray(v)
+            for keys, v in jax.tree_util.tree_flatten_with_path(
+                checkpointer.restore(tmp_path / "ckpt")
+            )[0]
+        }
+    assert len(expected) == 6
+    loaded = bridge.convert(tmp_path / "ckpt", to="torch", batch_bytes=1)
+    out = bridge.save(
+        tmp_path / "ckpt", tmp_path / "out.safetensors", format="safetensors", batch_bytes=1
+    )
+    streamed = safetensors.numpy.load_file(out)
+    assert loaded.keys() == streamed.keys() == expected.keys()
+    for key, value in expected.items():
+        tensor = loaded[key]
+        assert tuple(tensor.shape) == value.shape == streamed[key].shape, key
+        assert tensor.reshape(-1).view(torch.uint8).numpy().tobytes() == value.tobytes(), key
+        assert streamed[key].tobytes() == value.tobytes(), key
+
+
 # --- inspection ---------------------------------------------------------------------------
 
 
@@ -409,10 +532,11 @@ def test_inspect_lists_keys_shapes_dtypes_and_bytes_without_reading_data(tmp_pat
     path = bridge.save(make_nnx_net(), tmp_path / "ckpt", format="orbax")
     before = _files(path)
 
-    def no_data(*args, **kwargs):
+    async def no_data(*args, **kwargs):
         raise RuntimeError("array data was read")
 
-    monkeypatch.setattr(ocp.PyTreeCheckpointHandler, "restore", no_data)
+    for reader in (ocp.type_handlers.NumpyHandler, ocp.type_handlers.ArrayHandler):
+        monkeypatch.setattr(reader, "deserialize", no_data)
     inspection = bridge.inspect(path)
     text = str(inspection)
     assert inspection.format == "orbax" and len(inspection.rows) == 15

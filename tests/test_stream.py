@@ -33,7 +33,7 @@ from bridge import api, progress
 from bridge.errors import FormatError
 
 safetensors_format = importlib.import_module("bridge.formats.safetensors")
-orbax_format = importlib.import_module("bridge.formats.orbax")
+orbax_restore = importlib.import_module("bridge.formats.orbax_restore")
 nnx_models = importlib.import_module("nnx_models")
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -232,9 +232,9 @@ def test_orbax_to_files_streams_what_the_in_memory_path_writes(
     if target == "hf":  # an export to HF: the torch model's names and layouts
         options = {**options, "template": model}
     fetches = []
-    original = orbax_format._Restorer.fetch
+    original = orbax_restore.Item.fetch
     monkeypatch.setattr(
-        orbax_format._Restorer,
+        orbax_restore.Item,
         "fetch",
         lambda self, arrays: fetches.append(1) or original(self, arrays),
     )
@@ -326,9 +326,9 @@ def test_bytes_in_flight_stay_within_one_batch_and_the_largest_tensor(
     checkpoint = tmp_path / "ckpt_in"
     bridge.save(tensors, checkpoint, format="orbax", source="torch")
     orbax_counter = InFlight()
-    original_fetch = orbax_format._Restorer.fetch
+    original_fetch = orbax_restore.Item.fetch
     monkeypatch.setattr(
-        orbax_format._Restorer,
+        orbax_restore.Item,
         "fetch",
         lambda self, arrays: orbax_counter.hand_out(original_fetch(self, arrays)),
     )

@@ -13,10 +13,12 @@ or per-array zarr directories):
 An unfinished save (`<name>.orbax-checkpoint-tmp-*`) is refused; `orbax_locate` finds
 the checkpoint.
 
-Reading uses Orbax's stable top-level API (`PyTreeCheckpointHandler`). Writing
-(`orbax_save`) gives the standard v0 checkpoint `StandardCheckpointer` writes, whether
-from memory or converting a file in batches (one Orbax save whose numpy writer reads a
-batch at a time).
+This module reads what the checkpoint says: keys, shapes, dtypes and bridge's
+description. Restoring arrays (`orbax_restore`) goes through the handler Orbax's
+`PyTreeCheckpointHandler` delegates to, its tree metadata read once per conversion and
+each batch read by Orbax's type handlers alone. Writing (`orbax_save`) gives the standard
+v0 checkpoint `StandardCheckpointer` writes, whether from memory or converting a file in
+batches (one Orbax save whose numpy writer reads a batch at a time).
 
 Orbax stores dict keys as strings and names arrays by joining keys with ".", so int keys
 come back as digit strings, and `{"a.b": x, "a": {"b": y}}` silently restores one of the
@@ -31,23 +33,21 @@ out of the flat state and listed in the report's notes.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import re
 import reprlib
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
 
 from bridge.errors import FormatError
 from bridge.formats.orbax_locate import STEP_METADATA, Checkpoint, detect, locate
-from bridge.formats.orbax_save import DESCRIPTION_KEY, LAYOUTS, is_key_dtype, write
+from bridge.formats.orbax_restore import Entry, Item, StoredPath, flatten, is_empty, restore
+from bridge.formats.orbax_save import DESCRIPTION_KEY, LAYOUTS, write
 from bridge.graph import (
     Context,
     drop_transient,
@@ -55,7 +55,6 @@ from bridge.graph import (
     register_format,
     set_aside_training,
 )
-from bridge.stream import Fetched, Fetcher, batch_bytes, release_freed_memory
 from bridge.tree import (
     MESH,
     TRAINING_FIELDS,
@@ -76,35 +75,6 @@ LEAF_FIELDS = {"kind": str | None, "ints": list, "metadata": dict, "transient": 
 RESERVED_METADATA = frozenset({"value", MESH})
 """Names no Variable metadata stored by bridge has: the value itself, and the mesh (no
 JSON holds a jax Mesh)."""
-LOAD_BATCH_BYTES = 32 * 2**20
-"""A load's default batch: half the streaming default, as fast on this machine and
-0.02-0.05x of the checkpoint less memory at 1 GB (benchmarks/RESULTS.md)."""
-MIN_RESTORE_BATCH = 4 * 2**20
-"""The smallest batch of a load: smaller Orbax calls cost more time than they save memory."""
-
-Key = str | int
-StoredPath = tuple[Key, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class _Entry:
-    """One array of the checkpoint: where Orbax keeps it, where bridge puts it."""
-
-    item: str
-    stored: StoredPath
-    """The key path inside the item's tree."""
-    path: TreePath
-    leaf: Leaf
-    """Abstract (`ShapeDtypeStruct`) until restored."""
-    is_key: bool = False
-    """A typed PRNG key array: Orbax stores its key data and re-wraps it when restored
-    as a `jax.Array`."""
-    is_scalar: bool = False
-    """Saved as a Python scalar: restored as numpy, whose float64 / int64 jax may not keep."""
-
-    @property
-    def orbax_name(self) -> str:
-        return ".".join(str(part) for part in ((self.item,) if self.item else ()) + self.stored)
 
 
 @dataclasses.dataclass
@@ -112,9 +82,9 @@ class _Scan:
     """What the metadata says, before any array data is read."""
 
     checkpoint: Checkpoint
-    trees: dict[str, Any]
-    """Orbax's metadata tree of each item."""
-    entries: list[_Entry]
+    items: dict[str, Item]
+    """Each item, opened: its metadata read once for the whole conversion."""
+    entries: list[Entry]
 
 
 # --- reading metadata -------------------------------------------------------------------
@@ -156,42 +126,6 @@ def _malformed(record: Any, fields: Mapping[str, Any], required: Collection[str]
         if not isinstance(value, fields[name]):
             return f"has {name}={reprlib.repr(value)}, not of the type bridge writes"
     return None
-
-
-def _tree_metadata(directory: Path) -> Any:
-    """Orbax's metadata tree of one item: shapes and dtypes, no array data."""
-    with contextlib.closing(ocp.PyTreeCheckpointHandler()) as handler:
-        try:
-            return handler.metadata(epath.Path(directory)).tree
-        except Exception as exc:  # JSON, tensorstore and file errors alike mean "unreadable"
-            raise FormatError(
-                f"{directory}: cannot read Orbax's tree metadata: {_first_line(exc)}"
-            ) from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
-
-
-def _key(entry: Any) -> Key:
-    if isinstance(entry, jax.tree_util.SequenceKey):
-        return entry.idx
-    if isinstance(entry, jax.tree_util.DictKey):
-        return entry.key
-    if isinstance(entry, jax.tree_util.GetAttrKey):
-        return entry.name
-    return str(entry)
-
-
-def _is_empty(node: Any) -> bool:
-    return node is None or (isinstance(node, dict | list | tuple) and not node)
-
-
-def _flatten(tree: Any) -> list[tuple[StoredPath, Any]]:
-    """`(key path, metadata)` of every leaf, empty nodes (None, {}) included."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_empty)
-    return [(tuple(_key(entry) for entry in keypath), value) for keypath, value in flat]
 
 
 def _from_json(value: Any) -> Any:
@@ -300,16 +234,16 @@ def _guessed(full: list[StoredPath], template_keys: set[str]) -> list[_Known]:
 
 def _entries(
     trees: dict[str, Any], description: dict[str, Any] | None, ctx: Context, where: Path
-) -> tuple[list[_Entry], list[str], list[str]]:
+) -> tuple[list[Entry], list[str], list[str]]:
     """The arrays of every item, with bridge paths, kinds and metadata; plus the names of
     empty nodes and of leaves that are not arrays."""
     arrays: list[tuple[str, StoredPath, Any]] = []
     empty: list[str] = []
     not_arrays: list[str] = []
     for item, tree in trees.items():
-        for stored, value in _flatten(tree):
+        for stored, value in flatten(tree):
             name = ".".join(str(part) for part in ((item,) if item else ()) + stored)
-            if _is_empty(value):
+            if is_empty(value):
                 empty.append(name)
             elif isinstance(value, ocp.metadata.ArrayMetadata):
                 arrays.append((item, stored, value))
@@ -327,13 +261,13 @@ def _entries(
         abstract = jax.ShapeDtypeStruct(tuple(meta.shape), meta.dtype)
         leaf = Leaf(abstract, kind=info.kind, metadata=info.metadata, transient=info.transient)
         is_scalar = isinstance(meta, ocp.metadata.ScalarMetadata)
-        entries.append(_Entry(item, stored, info.path, leaf, info.is_key, is_scalar))
+        entries.append(Entry(item, stored, info.path, leaf, info.is_key, is_scalar))
     if description is None and is_training_state(dict.fromkeys(parts[0] for parts in full)):
         entries = list(set_aside_training({e.path: e for e in entries}, str(where), ctx).values())
     return entries, empty, not_arrays
 
 
-def _selector(only: Any, entries: list[_Entry]) -> Callable[[_Entry], bool]:
+def _selector(only: Any, entries: list[Entry]) -> Callable[[Entry], bool]:
     """`only=`: a collection (leaf kind) of this checkpoint, else a regular expression
     searched in dotted keys."""
     if not isinstance(only, str):
@@ -354,10 +288,11 @@ def _selector(only: Any, entries: list[_Entry]) -> Callable[[_Entry], bool]:
 def _scan(obj: Any, ctx: Context) -> _Scan:
     """Locate the checkpoint and read its metadata: keys, shapes, dtypes, description."""
     checkpoint = locate(Path(os.fspath(obj)).absolute(), ctx.options.get("step"))
-    trees = {item: _tree_metadata(directory) for item, directory in checkpoint.items.items()}
+    items = {name: Item(directory) for name, directory in checkpoint.items.items()}
+    trees = {name: item.tree for name, item in items.items()}
     where = checkpoint.directory
     entries, empty, not_arrays = _entries(trees, _description(checkpoint), ctx, where)
-    seen: dict[TreePath, _Entry] = {}
+    seen: dict[TreePath, Entry] = {}
     for entry in entries:
         if entry.path in seen:
             raise FormatError(
@@ -394,7 +329,7 @@ def _scan(obj: Any, ctx: Context) -> _Scan:
             f"only={only!r}: {len(entries) - len(chosen)} of {len(entries)} arrays not read"
         )
         entries = chosen
-    return _Scan(checkpoint, trees, entries)
+    return _Scan(checkpoint, items, entries)
 
 
 def inspect(obj: str | os.PathLike[str], ctx: Context) -> FlatState:
@@ -403,140 +338,11 @@ def inspect(obj: str | os.PathLike[str], ctx: Context) -> FlatState:
     return {entry.path: entry.leaf for entry in _scan(obj, ctx).entries}
 
 
-# --- restoring arrays -------------------------------------------------------------------
-
-
-def _restore_args(entry: _Entry, like: Leaf | None) -> ocp.RestoreArgs:
-    """How one array is restored: PRNG keys as jax arrays (Orbax re-wraps them), onto the
-    template's sharding or the host; an array whose template leaf has the same shape and
-    dtype, straight into a jax array on the template's sharding (the default device if it
-    has none), so the writer need not copy it again; anything else as numpy on the host
-    (a leaf that does not fit its template is left for the matcher to report)."""
-    sharding = getattr(like.value, "sharding", None) if like is not None else None
-    if entry.is_key or (like is not None and is_key_dtype(like.dtype)):
-        return ocp.ArrayRestoreArgs(
-            restore_type=jax.Array,
-            sharding=sharding
-            or jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0]),
-        )
-    if (
-        like is not None
-        and (like.shape, like.dtype) == (entry.leaf.shape, entry.leaf.dtype)
-        and not entry.is_scalar
-    ):
-        sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        return ocp.ArrayRestoreArgs(restore_type=jax.Array, sharding=sharding)
-    return ocp.RestoreArgs(restore_type=np.ndarray)
-
-
-def _restore_item(
-    directory: Path, tree: Any, wanted: dict[StoredPath, ocp.RestoreArgs]
-) -> dict[StoredPath, Any]:
-    """The wanted arrays of one item; every other leaf stays an Orbax placeholder, unread."""
-
-    def pick(keypath: Any, value: Any, restore: bool) -> Any:
-        stored = tuple(_key(entry) for entry in keypath)
-        if stored not in wanted:
-            return ocp.PLACEHOLDER
-        return wanted[stored] if restore else value
-
-    item = jax.tree_util.tree_map_with_path(lambda k, v: pick(k, v, False), tree)
-    args = jax.tree_util.tree_map_with_path(lambda k, v: pick(k, v, True), tree)
-    with contextlib.closing(ocp.PyTreeCheckpointHandler()) as handler:
-        try:
-            restored = handler.restore(
-                epath.Path(directory), args=ocp.args.PyTreeRestore(item=item, restore_args=args)
-            )
-        except Exception as exc:  # tensorstore reports missing or cut data as ValueError
-            raise FormatError(
-                f"{directory}: Orbax could not restore the arrays, the checkpoint is corrupt or "
-                f"incomplete ({_first_line(exc)})"
-            ) from exc
-    return {stored: value for stored, value in _flatten(restored) if stored in wanted}
-
-
-class _Stored(Fetched):
-    """One array of the checkpoint, restored when its batch is fetched (or alone)."""
-
-    def __init__(self, entry: _Entry, fetcher: _Restorer) -> None:
-        self.entry = entry
-        self.fetcher = fetcher
-        self.shape = entry.leaf.shape
-        self.dtype = entry.leaf.dtype
-
-
-@dataclasses.dataclass(frozen=True)
-class _Restorer(Fetcher):
-    """Restores arrays of one item, as numpy on the host, many per Orbax call."""
-
-    directory: Path
-    tree: Any
-
-    def fetch(self, arrays: list[_Stored]) -> list[np.ndarray]:  # type: ignore[override]
-        wanted = {array.entry.stored: _restore_args(array.entry, None) for array in arrays}
-        restored = _restore_item(self.directory, self.tree, wanted)
-        return [restored[array.entry.stored] for array in arrays]
-
-
-def _shrinking_batches(entries: list[_Entry], size: int) -> Iterator[list[_Entry]]:
-    """`entries` largest first, in batches of at most `size` bytes and at most half the
-    bytes not yet restored (`MIN_RESTORE_BATCH` at least; a larger array alone).
-
-    Orbax holds a batch twice while restoring it into jax arrays (tensorstore's host
-    buffer and the device copy): batches no larger than what remains keep the peak near
-    the checkpoint's own size, where fixed-size batches end one batch above it.
-    """
-    remaining = sum(entry.leaf.nbytes for entry in entries)
-    batch: list[_Entry] = []
-    held = limit = 0
-    for entry in sorted(entries, key=lambda entry: -entry.leaf.nbytes):
-        if batch and held + entry.leaf.nbytes > limit:
-            yield batch
-            remaining -= held
-            batch, held = [], 0
-        if not batch:
-            limit = max(MIN_RESTORE_BATCH, min(size, remaining // 2))
-        batch.append(entry)
-        held += entry.leaf.nbytes
-    if batch:
-        yield batch
-
-
 def read(obj: str | os.PathLike[str], ctx: Context) -> FlatState:
-    """Restore the checkpoint's arrays (those `only=` selects): into the template's
-    shardings where it gives them, as numpy arrays on the host otherwise, in batches
-    (`_shrinking_batches`: Orbax stages every array of one call in host memory at once).
-    Everything is restored before anything is returned, unless streaming: then each leaf
-    is a lazy array restored with its batch when the writer gets to it."""
+    """Restore the checkpoint's arrays (those `only=` selects), as `orbax_restore.restore`
+    does: into the template's shardings, batch by batch, or lazily when streaming."""
     scan = _scan(obj, ctx)
-    if ctx.streaming:
-        fetchers = {
-            item: _Restorer(directory, scan.trees[item])
-            for item, directory in scan.checkpoint.items.items()
-        }
-
-        def lazy(entry: _Entry) -> Any:  # PRNG keys now: typed jax arrays, small
-            stored = _Stored(entry, fetchers[entry.item])
-            return stored.fetcher.fetch([stored])[0] if entry.is_key else stored
-
-        return {entry.path: entry.leaf.replace(value=lazy(entry)) for entry in scan.entries}
-    template = {match_key(path): leaf for path, leaf in (ctx.template_flat or {}).items()}
-    values: dict[tuple[str, StoredPath], Any] = {}
-    for batch in _shrinking_batches(scan.entries, batch_bytes(ctx, LOAD_BATCH_BYTES)):
-        for item, directory in scan.checkpoint.items.items():
-            wanted = {
-                entry.stored: _restore_args(entry, template.get(match_key(entry.path)))
-                for entry in batch
-                if entry.item == item
-            }
-            if wanted:
-                restored = _restore_item(directory, scan.trees[item], wanted)
-                values.update({(item, stored): value for stored, value in restored.items()})
-        release_freed_memory()
-    return {
-        entry.path: entry.leaf.replace(value=values[entry.item, entry.stored])
-        for entry in scan.entries
-    }
+    return restore(scan.items, scan.entries, ctx)
 
 
 # --- detection and registration ---------------------------------------------------------
