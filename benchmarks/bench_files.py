@@ -182,9 +182,11 @@ def main() -> None:
         weights = work / ("model" if args.shard_gb else "model.safetensors")
         size = generate(weights, layers, "float32", args.shard_gb)
         checkpoint = work / "ckpt"
-        # the Orbax cases read the recipe's checkpoint (v0), or where the recipe is not
-        # run (too large to load whole) bridge's streamed one: the last run's output kept
-        maker = "st_to_orbax_recipe" if "st_to_orbax_recipe" in args.cases else "st_to_orbax"
+        # the Orbax cases read the recipe's checkpoint (v0; the load recipe restores into
+        # nnx.state's structure), or where no recipe is run (too large to load whole)
+        # bridge's streamed one: the last run's output kept
+        recipes = {"st_to_orbax_recipe", "orbax_load_recipe"} & set(args.cases)
+        maker = "st_to_orbax_recipe" if recipes else "st_to_orbax"
         for case in args.cases:
             if case.startswith("orbax") and not checkpoint.exists():
                 subprocess.run(
