@@ -256,9 +256,11 @@ def register_format(
     checkpoint_files: bool = False,
 ) -> Format:
     """Add a format: `detect(obj)` scores 0..1, `read(obj, ctx)` gives a flat state,
-    `write(flat, ctx)` builds the object back. `checkpoint(obj)` gives the files' layout
-    of an object of this format where it has its own (`Checkpoint`); `checkpoint_files`
-    says this format's files take it."""
+    `write(flat, ctx)` builds the object back. `inspect(obj, ctx)` gives it without array
+    data where `read` would load some; `describe(obj, ctx)` gives each array's key, dtype,
+    shape and bytes for `bridge.inspect` where that is cheaper than leaves.
+    `checkpoint(obj)` gives the files' layout of an object of this format where it has
+    its own (`Checkpoint`); `checkpoint_files` says this format's files take it."""
     fmt = Format(
         name,
         detect,

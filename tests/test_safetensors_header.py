@@ -21,6 +21,8 @@ from hypothesis import strategies as st
 
 import bridge
 from bridge.errors import FormatError
+from bridge.graph import Context
+from bridge.tree import Leaf, parse_dotted
 
 adapter = importlib.import_module("bridge.formats.safetensors")
 
@@ -182,3 +184,20 @@ def test_inspect_of_many_tensors_says_what_the_library_says(tmp_path):
             for key, shape in said.items()
         }
     assert [key for key in rows if rows[key][2]] == [key for key in order if 0 not in said[key]]
+
+
+def test_inspect_of_a_sharded_directory_says_what_its_shards_say(tmp_path):
+    arrays = {f"h.{i}.w": np.full((i + 1, 2), i, np.float32) for i in range(20)}
+    flat = {parse_dotted(key): Leaf(value) for key, value in arrays.items()}
+    directory = tmp_path / "sharded"
+    adapter.write(flat, Context(options={"path": directory, "max_shard_size": 100}))
+    weight_map = json.loads((directory / adapter.INDEX_FILE).read_text())["weight_map"]
+    said = {}
+    for shard in set(weight_map.values()):
+        with safetensors.safe_open(directory / shard, "np") as library:
+            said |= {key: library.get_tensor(key) for key in library.offset_keys()}
+    rows = {
+        row.target: (row.shape, row.dtype, row.nbytes) for row in bridge.inspect(directory).rows
+    }
+    assert len(set(weight_map.values())) > 1
+    assert rows == {key: (a.shape, str(a.dtype), a.nbytes) for key, a in said.items()}
