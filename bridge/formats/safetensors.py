@@ -259,8 +259,8 @@ def _all_at_once(header: dict[str, Any], file: _MappedFile, size: int) -> _Check
     """The tensors in file order where every rule of `_one_by_one` holds, checked over all
     tensors at once (numpy, and Python's loops in C); None where any rule may fail, so
     that `_one_by_one` names the key, and where a tensor is empty (the rules and the order
-    of tensors of no bytes are left to it). At 50,000 tensors this is a few milliseconds,
-    where one tensor at a time is a second."""
+    of tensors of no bytes are left to it). At 50,000 tensors this takes a third of the
+    time of one tensor at a time."""
     infos = list(header.values())
     if not infos or set(map(type, infos)) != {dict}:
         return None
@@ -498,9 +498,10 @@ def read(obj: str | os.PathLike[str], ctx: Context) -> FlatState:
 def describe(obj: str | os.PathLike[str], ctx: Context) -> Iterator[Description]:
     """Each tensor's key, dtype, shape and bytes, for `bridge.inspect`: the checks of
     `read`, without a path and a leaf per tensor; a file's straight from its header."""
-    if Path(os.fspath(obj)).is_file():
-        return _uncollected(_checked_file)(Path(os.fspath(obj))).described()
-    tensors = _uncollected(_tensors)(obj, ctx)
+    path = Path(os.fspath(obj))
+    if path.is_file():
+        return _uncollected(_checked_file)(path).described()
+    tensors = _uncollected(_tensors)(path, ctx)
     return ((key, t.dtype, t.shape, t.nbytes) for key, t in tensors.items())
 
 
