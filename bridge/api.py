@@ -373,10 +373,17 @@ def inspect(obj: Any, *, source: str | None = None, **options: Any) -> Inspectio
     fmt = GRAPH.format(name)
     ctx = Context(options=options, source=name)
     ctx.report.subject = f"{name}{_named(obj)}"
-    flat = (fmt.inspect or fmt.read)(obj, ctx)
+    if fmt.describe is not None:
+        arrays = fmt.describe(obj, ctx)
+    else:
+        flat = (fmt.inspect or fmt.read)(obj, ctx)
+        arrays = (
+            (fmt.spell(path, leaf), leaf.dtype, leaf.shape, leaf.nbytes)
+            for path, leaf in flat.items()
+        )
     dtype_name = _dtype_names()
     rows = [
-        PlanRow("", fmt.spell(path, leaf), "", dtype_name(leaf.dtype), leaf.nbytes, leaf.shape)
-        for path, leaf in flat.items()
+        PlanRow("", key, "", dtype_name(dtype), nbytes, shape)
+        for key, dtype, shape, nbytes in arrays
     ]
     return Inspection(name, rows)

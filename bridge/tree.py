@@ -11,6 +11,7 @@ import dataclasses
 import math
 import reprlib
 from collections.abc import Callable, Iterable, Mapping
+from itertools import chain
 from typing import Any
 
 import jax
@@ -482,6 +483,19 @@ def parse_dotted(key: str) -> Path:
     """`"h.0.attn"` -> `("h", 0, "attn")`: parts that spell a position (`index_of`) are
     list indices; every other part, `"01"` included, stays the string it is."""
     return positions(tuple(key.split(".")))
+
+
+def parse_dotted_keys(keys: Iterable[str]) -> list[Path]:
+    """`parse_dotted` of each key, each distinct part parsed once: a model's keys repeat
+    their parts (`layers`, `weight`, the block numbers), so that a file of 50,000 keys
+    has a fraction as many distinct parts."""
+    split = [key.split(".") for key in keys]
+    parts = dict.fromkeys(chain.from_iterable(split))
+    for part in parts:
+        index = index_of(part)
+        parts[part] = part if index is None else index
+    spelled = parts.__getitem__
+    return [tuple(map(spelled, key)) for key in split]
 
 
 def linen_path(path: Path) -> tuple[str, ...]:

@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import safetensors.numpy
 from conftest import assert_same_arrays
+from hypothesis import given
+from hypothesis import strategies as st
 
 import bridge
-from bridge.tree import index_of, parse_dotted
+from bridge.tree import index_of, parse_dotted, parse_dotted_keys
 
 ODD_KEYS = ["h.01.w", "h.1.w", "h.007.w", "h.0.w", "l.²", "x.٣.w", "y.10.w"]
 
@@ -28,6 +30,17 @@ def test_parse_dotted_keeps_names_that_only_look_like_numbers():
     assert parse_dotted("h.01.w") == ("h", "01", "w")
     assert parse_dotted("h.1.w") == ("h", 1, "w")
     assert parse_dotted("l.²") == ("l", "²")
+
+
+def test_many_keys_parse_at_once_as_each_alone():
+    keys = ["h.01.w", "h.1.w", "h.1.01", "l.²", "0", ""]
+    expected = [("h", "01", "w"), ("h", 1, "w"), ("h", 1, "01"), ("l", "²"), (0,), ("",)]
+    assert parse_dotted_keys(keys) == expected
+
+
+@given(st.lists(st.text(alphabet="ab0129٣².", max_size=8), max_size=20))
+def test_parsing_many_keys_at_once_is_parsing_each(keys):
+    assert parse_dotted_keys(keys) == [parse_dotted(key) for key in keys]
 
 
 def test_a_safetensors_file_with_look_alike_keys_keeps_every_tensor(tmp_path):
