@@ -152,7 +152,9 @@ def _fetch(batch: Iterable[tuple[Path, Leaf]]) -> list[Fetched]:
 
 def batches(flat: FlatState, ctx: Context, verb: str) -> Iterator[list[tuple[Path, Leaf]]]:
     """`flat`'s items in batches of bounded bytes, their fetched sources held while the
-    caller handles the batch; one progress bar for the whole job."""
+    caller handles the batch, then let go and the freed heap handed back (Orbax ->
+    safetensors of 5 GB: 542-595 MiB peak growth without, 390 MiB with); one progress
+    bar for the whole job."""
     leaves = track(flat, ctx, verb)
     for run in split(flat.items(), batch_bytes(ctx)):
         held = _fetch(run)
@@ -161,6 +163,7 @@ def batches(flat: FlatState, ctx: Context, verb: str) -> Iterator[list[tuple[Pat
         finally:
             for array in held:
                 array._data = None
+            release_freed_memory()
     for _ in leaves:  # closes the bar
         pass
 

@@ -32,7 +32,7 @@ from bridge.errors import BridgeError, FormatError
 from bridge.formats.orbax_locate import STEP_METADATA
 from bridge.graph import Context
 from bridge.progress import track
-from bridge.stream import batches, release_freed_memory
+from bridge.stream import batches
 from bridge.tree import (
     MESH,
     FlatState,
@@ -228,8 +228,7 @@ class _BatchWriter(type_handlers.NumpyHandler):
             await self._background_serialize(
                 arrays, [where[path][0] for path, _ in run], [where[path][1] for path, _ in run]
             )
-            del arrays
-            release_freed_memory()
+            del arrays  # before `batches` trims the heap
 
 
 def _streaming_handler(writer: _BatchWriter) -> ocp.PyTreeCheckpointHandler:
