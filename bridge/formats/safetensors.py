@@ -600,8 +600,7 @@ def _saver(shards: Mapping[str, Mapping[str, Leaf]], ctx: Context) -> Callable[[
         with open(file, "wb") as out:
             out.write(header)
             for _ in order:
-                _, data = next(tensors)
-                out.write(data.reshape(-1).view(np.uint8))
+                out.write(next(tensors)[1].reshape(-1).view(np.uint8))  # then let go
         if not headers:
             next(tensors, None)  # the end of the stream: its bar completes
 
