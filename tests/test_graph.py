@@ -105,25 +105,6 @@ def test_unknown_option_is_refused():
         bridge.convert(make_nnx_net(), to="linen", boxd=True)
 
 
-@pytest.mark.parametrize("fmt", ["safetensors", "orbax", "msgpack", "torch"])
-@pytest.mark.parametrize("option", ["overwrite", "path", "max_shard_size"])
-def test_a_writer_option_is_refused_where_nothing_of_that_format_is_written(tmp_path, fmt, option):
-    """Reading a file takes its reader's options only: `overwrite=True` on a load would
-    promise something no step does."""
-    file = tmp_path / {
-        "safetensors": "net.safetensors",
-        "msgpack": "net.msgpack",
-        "torch": "net.pt",
-    }.get(fmt, "net")
-    bridge.save(make_nnx_net(), file, format=fmt)
-    with pytest.raises(TypeError, match=rf"unknown option\(s\) \['{option}'\]"):
-        bridge.convert(str(file), to="linen", **{option: "x"})
-    known = bridge.registered_formats()[fmt]
-    assert option not in known.read_options
-    if option != "max_shard_size" or fmt == "safetensors":
-        assert option in known.options  # still the writer's
-
-
 def test_plan_moves_no_data_and_prints_a_table():
     model = make_nnx_net()
     plan = bridge.plan(model, to="linen")

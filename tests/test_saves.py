@@ -33,6 +33,7 @@ import pytest
 import safetensors.torch
 import torch
 import transformers
+from conftest import make_nnx_net
 
 import bridge
 from bridge.graph import GRAPH
@@ -760,3 +761,22 @@ def test_an_orbax_checkpoint_is_swapped_whole_and_never_absent(tmp_path, monkeyp
     restored = bridge.convert(str(target), to="linen")
     assert restored["params"]["w"].tolist() == [1.0, 1.0, 1.0]
     assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "orbax", "msgpack", "torch"])
+@pytest.mark.parametrize("option", ["overwrite", "path", "max_shard_size"])
+def test_a_writer_option_is_refused_where_nothing_of_that_format_is_written(tmp_path, fmt, option):
+    """Reading a file takes its reader's options only: `overwrite=True` on a load would
+    promise something no step does."""
+    file = tmp_path / {
+        "safetensors": "net.safetensors",
+        "msgpack": "net.msgpack",
+        "torch": "net.pt",
+    }.get(fmt, "net")
+    bridge.save(make_nnx_net(), file, format=fmt)
+    with pytest.raises(TypeError, match=rf"unknown option\(s\) \['{option}'\]"):
+        bridge.convert(str(file), to="linen", **{option: "x"})
+    known = bridge.registered_formats()[fmt]
+    assert option not in known.read_options
+    if option != "max_shard_size" or fmt == "safetensors":
+        assert option in known.options  # still the writer's
