@@ -490,11 +490,8 @@ def parse_dotted_keys(keys: Iterable[str]) -> list[Path]:
     their parts (`layers`, `weight`, the block numbers), so that a file of 50,000 keys
     has a fraction as many distinct parts."""
     split = [key.split(".") for key in keys]
-    parts = dict.fromkeys(chain.from_iterable(split))
-    for part in parts:
-        index = index_of(part)
-        parts[part] = part if index is None else index
-    spelled = parts.__getitem__
+    distinct = tuple(dict.fromkeys(chain.from_iterable(split)))
+    spelled = dict(zip(distinct, positions(distinct), strict=True)).__getitem__
     return [tuple(map(spelled, key)) for key in split]
 
 
