@@ -3,13 +3,14 @@ read, transform along the route, match against the template, write."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import pathlib
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, overload
 
-from bridge import multihost
+from bridge import collector, multihost
 from bridge.errors import MismatchError
 from bridge.graph import GRAPH, Context, Edge, Format
 from bridge.layout import to_flax, to_torch
@@ -186,10 +187,14 @@ def convert(
     saving = options.get("path") is not None  # under jax.distributed, on every process
     with multihost.gathering(saving):
         with multihost.together(f"{_named(obj).strip() or to}: reading", collective=saving):
-            _, _, flat, ctx, _ = _run(obj, to, source, template, rules, strict, options)
+            with collector.paused():
+                _, _, flat, ctx, _ = _run(obj, to, source, template, rules, strict, options)
             if strict and not ctx.report.ok:
                 raise MismatchError(ctx.report)
-        result = GRAPH.format(to).write(flat, ctx)
+        # an object is built under the pause; a file's writer (Orbax's event loop, say)
+        # runs with the collector, as it would without bridge
+        with contextlib.nullcontext() if saving else collector.paused():
+            result = GRAPH.format(to).write(flat, ctx)
     return result if strict else (result, ctx.report)
 
 
@@ -275,19 +280,22 @@ def plan(
     **options: Any,
 ) -> Plan:
     """The route and per-leaf table `convert` would use, without moving any data."""
-    src, hops, flat, ctx, found = _run(obj, to, source, template, rules, strict, options, dry=True)
-    spell, dtype_name = GRAPH.format(to).spell, _dtype_names()
-    rows = [
-        PlanRow(
-            leaf.source,
-            spell(path, leaf),
-            leaf.transform,
-            dtype_name(leaf.dtype),
-            leaf.nbytes,
-            leaf.shape,
+    with collector.paused():
+        src, hops, flat, ctx, found = _run(
+            obj, to, source, template, rules, strict, options, dry=True
         )
-        for path, leaf in flat.items()
-    ]
+        spell, dtype_name = GRAPH.format(to).spell, _dtype_names()
+        rows = [
+            PlanRow(
+                leaf.source,
+                spell(path, leaf),
+                leaf.transform,
+                dtype_name(leaf.dtype),
+                leaf.nbytes,
+                leaf.shape,
+            )
+            for path, leaf in flat.items()
+        ]
     return Plan(src, to, hops, rows, ctx.report, found)
 
 
@@ -373,17 +381,18 @@ def inspect(obj: Any, *, source: str | None = None, **options: Any) -> Inspectio
     fmt = GRAPH.format(name)
     ctx = Context(options=options, source=name)
     ctx.report.subject = f"{name}{_named(obj)}"
-    if fmt.describe is not None:
-        arrays = fmt.describe(obj, ctx)
-    else:
-        flat = (fmt.inspect or fmt.read)(obj, ctx)
-        arrays = (
-            (fmt.spell(path, leaf), leaf.dtype, leaf.shape, leaf.nbytes)
-            for path, leaf in flat.items()
-        )
-    dtype_name = _dtype_names()
-    rows = [
-        PlanRow("", key, "", dtype_name(dtype), nbytes, shape)
-        for key, dtype, shape, nbytes in arrays
-    ]
+    with collector.paused():
+        if fmt.describe is not None:
+            arrays = fmt.describe(obj, ctx)
+        else:
+            flat = (fmt.inspect or fmt.read)(obj, ctx)
+            arrays = (
+                (fmt.spell(path, leaf), leaf.dtype, leaf.shape, leaf.nbytes)
+                for path, leaf in flat.items()
+            )
+        dtype_name = _dtype_names()
+        rows = [
+            PlanRow("", key, "", dtype_name(dtype), nbytes, shape)
+            for key, dtype, shape, nbytes in arrays
+        ]
     return Inspection(name, rows)

@@ -3,6 +3,9 @@ of a 50,000-leaf graph costs as much as the rest of the conversion)."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +14,7 @@ from flax import nnx
 from flax.nnx import graphlib
 
 import bridge
+from bridge import collector
 from bridge.formats.nnx import read_module
 from bridge.graph import Context
 from bridge.layout import FLAX_FAMILIES, family
@@ -142,3 +146,117 @@ def test_transposed_kernels_are_placed_bit_exact_below_and_above_the_staging_siz
     for name in ("small", "large"):
         kernel = np.asarray(getattr(model, name).kernel.get_value())
         assert kernel.tobytes() == np.ascontiguousarray(state_dict[f"{name}.weight"].T).tobytes()
+
+
+@pytest.fixture
+def collections(monkeypatch):
+    """The collections Python's cyclic collector makes, with a collection due at every
+    allocation (so that any stretch of code the collector is on in runs one)."""
+    made: list[int] = []
+
+    def note(phase: str, info: dict) -> None:
+        if phase == "start":
+            made.append(info["generation"])
+
+    threshold = gc.get_threshold()
+    gc.set_threshold(1)
+    gc.callbacks.append(note)
+    try:
+        yield made
+    finally:
+        gc.callbacks.remove(note)
+        gc.set_threshold(*threshold)
+
+
+def _state_dict() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {
+        f"blocks.{i}.lin.{name}": rng.standard_normal(shape, np.float32)
+        for i in range(3)
+        for name, shape in (("weight", (2, 3)), ("bias", (2,)))
+    }
+
+
+def test_a_conversion_to_an_object_builds_it_with_the_collector_paused(collections, monkeypatch):
+    """Paused while leaves, matches and the model are built: with a collection due at
+    every allocation, a call makes a few (entering and leaving), not one per object."""
+    template = nnx.eval_shape(lambda: Many(nnx.Rngs(0)))
+    state_dict = _state_dict()
+    bridge.convert(state_dict, to="nnx", template=template, progress=False)  # warm caches
+    collections.clear()
+
+    model = bridge.convert(state_dict, to="nnx", template=template, progress=False)
+    paused = len(collections)
+    collections.clear()
+    monkeypatch.setattr(collector, "paused", contextlib.nullcontext)
+    bridge.convert(state_dict, to="nnx", template=template, progress=False)
+
+    assert paused * 20 < len(collections), (paused, len(collections))
+    assert gc.isenabled()
+    kernel = np.asarray(model.blocks[2].lin.kernel.get_value())
+    assert kernel.tobytes() == state_dict["blocks.2.lin.weight"].T.tobytes()
+
+
+def test_a_file_is_written_with_the_collector_on(collections, tmp_path):
+    """A file's writer (Orbax's event loop, say) runs as it would without bridge."""
+    bridge.save(_state_dict(), tmp_path / "out.safetensors", format="safetensors", progress=False)
+
+    assert collections != []
+
+
+def test_the_collector_is_as_it_was_after_a_conversion_that_fails():
+    template = nnx.eval_shape(lambda: Many(nnx.Rngs(0)))
+    short = dict(list(_state_dict().items())[:-1])
+    for enabled in (True, False):
+        (gc.enable if enabled else gc.disable)()
+        try:
+            with pytest.raises(bridge.MismatchError):
+                bridge.convert(short, to="nnx", template=template, progress=False)
+            assert gc.isenabled() is enabled
+        finally:
+            gc.enable()
+
+
+def _bridge_garbage(call) -> list[str]:
+    """What of bridge's own `call()` leaves in reference cycles (its result kept)."""
+    call()  # imports and caches first
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        result = call()
+        gc.collect()
+        found = [
+            f"{type(thing).__name__} {getattr(thing, '__qualname__', '')}"
+            for thing in gc.garbage
+            if (getattr(thing, "__module__", None) or "").startswith("bridge")
+            or (getattr(type(thing), "__module__", None) or "").startswith("bridge")
+        ]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    del result
+    return found
+
+
+def test_no_conversion_leaves_objects_of_bridge_in_cycles(tmp_path):
+    """The collector is paused while bridge works: whatever bridge makes must be freed by
+    reference counting (a closure calling itself, say, is a cycle the pause would keep)."""
+    template = nnx.eval_shape(lambda: Many(nnx.Rngs(0)))
+    state_dict = _state_dict()
+    model = bridge.convert(state_dict, to="nnx", template=template, progress=False)
+    file = bridge.save(state_dict, tmp_path / "model.safetensors", format="safetensors")
+    calls = {
+        "torch -> nnx": lambda: bridge.convert(
+            state_dict, to="nnx", template=template, progress=False
+        ),
+        "safetensors -> nnx": lambda: bridge.load(file, "nnx", template=template, progress=False),
+        "nnx -> msgpack": lambda: bridge.save(
+            model, tmp_path / "m.msgpack", format="msgpack", overwrite=True, progress=False
+        ),
+        "nnx -> linen": lambda: bridge.convert(model, to="linen", progress=False),
+        "plan": lambda: bridge.plan(state_dict, to="nnx", template=template, rules="auto"),
+    }
+    for name, call in calls.items():
+        assert _bridge_garbage(call) == [], name

@@ -308,24 +308,29 @@ def _dump(flat: FlatState, ctx: Context, out: BinaryIO) -> None:
     tree = unflatten_mapping({key: path for path, key in keys.items()})
     order = traverse_util.flatten_dict(tree).values()
     leaves = items({path: flat[path] for path in order}, ctx, "saving")
-
-    def write(node: Any) -> None:
-        if isinstance(node, dict):
-            out.write(_PACKER.pack_map_header(len(node)))
-            for key, child in node.items():
-                out.write(msgpack.packb(key))
-                write(child)
-        else:
-            path, leaf = next(leaves)
-            _write_value(out, _value("/".join(keys[path]), leaf))
-
-    write(tree)
+    _write_node(out, tree, leaves, keys)
     next(leaves, None)  # the end of the stream: its bar completes
     if with_metadata := sum(bool(leaf.metadata) for leaf in flat.values()):
         ctx.report.notes.append(
             f"{with_metadata} leaves written without their Variable metadata (partitioning, "
             "...): Flax msgpack holds arrays only"
         )
+
+
+def _write_node(
+    out: BinaryIO, node: Any, leaves: Iterator[tuple[Path, Leaf]], keys: dict[Path, tuple]
+) -> None:
+    """`node` of the nested tree, its leaves taken from `leaves` in the tree's order (a
+    function of the module, not a closure: a closure calling itself is a cycle, which
+    would hold the stream of leaves until the next collection)."""
+    if isinstance(node, dict):
+        out.write(_PACKER.pack_map_header(len(node)))
+        for key, child in node.items():
+            out.write(msgpack.packb(key))
+            _write_node(out, child, leaves, keys)
+    else:
+        path, leaf = next(leaves)
+        _write_value(out, _value("/".join(keys[path]), leaf))
 
 
 def write(flat: FlatState, ctx: Context) -> bytes | FilePath:

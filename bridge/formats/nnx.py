@@ -97,10 +97,14 @@ def _families(model: nnx.Pytree, leaves: dict[Path, Any]) -> dict[Path, str | No
     leaf by item and attribute access (a custom pytree node), the graph is walked."""
     nodes: dict[Path, Any] = {(): model}
 
-    def node_at(path: Path) -> Any:
-        if path not in nodes:
-            nodes[path] = _child(node_at(path[:-1]), path[-1])
-        return nodes[path]
+    def node_at(path: Path) -> Any:  # a loop, not a recursion: a closure calling itself
+        known = len(path)  # is a cycle, which would keep `nodes` until a collection
+        while path[:known] not in nodes:
+            known -= 1
+        node = nodes[path[:known]]
+        for depth in range(known + 1, len(path) + 1):
+            node = nodes[path[:depth]] = _child(node, path[depth - 1])
+        return node
 
     try:
         if all(node_at(path) is leaf for path, leaf in leaves.items()):

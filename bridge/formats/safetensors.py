@@ -15,8 +15,6 @@ needs every array of the file in memory at once. Shards are laid out as `transfo
 from __future__ import annotations
 
 import contextlib
-import functools
-import gc
 import json
 import math
 import operator
@@ -27,7 +25,7 @@ import struct
 from collections.abc import Callable, Iterator, Mapping
 from itertools import chain
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple
 
 import ml_dtypes
 import numpy as np
@@ -79,7 +77,6 @@ DTYPES: dict[str, np.dtype] = {
 the order of the library's `Dtype` enum, by which it sorts a file's tensors."""
 _CODES = {dtype: code for code, dtype in DTYPES.items()}
 _RANKS = {code: rank for rank, code in enumerate(DTYPES)}
-T = TypeVar("T")
 
 
 class _MappedFile:
@@ -447,27 +444,6 @@ def _read_index(directory: Path) -> dict[str, SafetensorsArray]:
     return tensors
 
 
-def _uncollected(reader: Callable[..., T]) -> Callable[..., T]:
-    """`reader` with Python's cyclic garbage collector paused, where it runs. A header
-    parses into three containers per tensor, and the tensors and their leaves are two
-    more, none in a cycle; the collector would scan them all, and the whole process,
-    again and again (at 50,000 tensors, full scans took longer than the reading). The
-    pause is process-wide, as the collector is, and lasts the reading of headers only:
-    the parsed headers are freed inside it, what is returned is collected as usual."""
-
-    @functools.wraps(reader)
-    def paused(*args: Any) -> T:
-        if not gc.isenabled():
-            return reader(*args)
-        gc.disable()
-        try:
-            return reader(*args)
-        finally:
-            gc.enable()
-
-    return paused
-
-
 def _tensors(obj: str | os.PathLike[str], ctx: Context) -> dict[str, SafetensorsArray]:
     """The tensors of a file or a HF directory by key; nothing is read but headers. A
     directory holding both layouts is read as `from_pretrained` reads it:
@@ -489,7 +465,6 @@ def _tensors(obj: str | os.PathLike[str], ctx: Context) -> dict[str, Safetensors
     raise FormatError(f"{path}: no such file or directory")
 
 
-@_uncollected
 def read(obj: str | os.PathLike[str], ctx: Context) -> FlatState:
     """A file or a HF directory -> `{path: Leaf(SafetensorsArray)}`."""
     tensors = _tensors(obj, ctx)
@@ -501,8 +476,8 @@ def describe(obj: str | os.PathLike[str], ctx: Context) -> Iterator[Description]
     `read`, without a path and a leaf per tensor; a file's straight from its header."""
     path = Path(os.fspath(obj))
     if path.is_file():
-        return _uncollected(_checked_file)(path).described()
-    tensors = _uncollected(_tensors)(path, ctx)
+        return _checked_file(path).described()
+    tensors = _tensors(path, ctx)
     return ((key, t.dtype, t.shape, t.nbytes) for key, t in tensors.items())
 
 
