@@ -306,11 +306,10 @@ def _disagreement(source: Leaf, target: Leaf) -> tuple[str, str] | None:
     return None
 
 
-def _by_position(by_key: Mapping[str, Path], template: FlatState) -> dict[str, str]:
+def _by_position(by_key: Mapping[str, Path], target_keys: Mapping[str, Path]) -> dict[str, str]:
     """`{source key: template key}` for the sources that fill a template leaf by position
     alone (`layer.0` -> a Linen module named '0', see `tree.position_key`): only where
     the exact keys do not meet and exactly one source and one target share a position."""
-    target_keys = {match_key(path): path for path in template}
     sources: dict[str, list[str]] = {}
     for key, path in by_key.items():
         if key not in target_keys:
@@ -354,14 +353,15 @@ def match(
             )
         else:
             by_key[key] = path
-    for source_key, target_key in _by_position(by_key, template).items():
+    keyed = [(match_key(path), path) for path in template]
+    for source_key, target_key in _by_position(by_key, dict(keyed)).items():
         by_key[target_key] = by_key.pop(source_key)
 
     out: FlatState = {}
     unfilled: dict[str, Path] = {}
     ties: list[Path] = []
-    for target_path, target_leaf in template.items():
-        key = match_key(target_path)
+    for key, target_path in keyed:
+        target_leaf = template[target_path]
         source_path = by_key.pop(key, None)
         if source_path is None:
             out[target_path] = target_leaf.replace(source="(template)" * target_leaf.transient)

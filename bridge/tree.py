@@ -525,10 +525,9 @@ class PathLookup:
     position are never guessed between)."""
 
     def __init__(self, items: Mapping[Path, Any]) -> None:
+        self.items = items
         self.exact = {match_key(path): value for path, value in items.items()}
-        self.by_position: dict[str, list[Any]] = {}
-        for path, value in items.items():
-            self.by_position.setdefault(position_key(path), []).append(value)
+        self._by_position: dict[str, list[Any]] | None = None
 
     def get(self, path: Path, default: Any = None) -> Any:
         found = self.exact.get(match_key(path))
@@ -536,6 +535,15 @@ class PathLookup:
             return found
         candidates = self.by_position.get(position_key(path), [])
         return candidates[0] if len(candidates) == 1 else default
+
+    @property
+    def by_position(self) -> dict[str, list[Any]]:
+        """The values by position key, made at the first lookup the exact keys miss."""
+        if self._by_position is None:
+            self._by_position = {}
+            for path, value in self.items.items():
+                self._by_position.setdefault(position_key(path), []).append(value)
+        return self._by_position
 
     def __bool__(self) -> bool:
         return bool(self.exact)

@@ -27,7 +27,15 @@ from bridge.errors import FormatError
 from bridge.graph import Checkpoint, Context, register_conversion, register_format
 from bridge.layout import TORCH_FAMILIES, family, to_flax, to_torch
 from bridge.progress import track
-from bridge.tree import FlatState, LazyArray, Leaf, dotted, native_numbers, parse_dotted
+from bridge.tree import (
+    FlatState,
+    LazyArray,
+    Leaf,
+    dotted,
+    native_numbers,
+    parse_dotted,
+    parse_dotted_keys,
+)
 
 SUFFIXES = (".pt", ".bin", ".pth")
 TORCH_ROLES = frozenset(
@@ -190,8 +198,7 @@ def read(obj: Any, ctx: Context) -> FlatState:
         )
     ties = _ties(state, module)
     flat: FlatState = {}
-    for key, value in state.items():
-        path = parse_dotted(key)
+    for path, (key, value) in zip(parse_dotted_keys(state), state.items(), strict=True):
         array = value if isinstance(value, np.ndarray) else to_numpy(value)
         flat[path] = Leaf(
             FileTensor(array) if from_file else array,
