@@ -8,6 +8,7 @@ spelled the NNX way (`("layers", 0, "kernel")`). The spellings of the other form
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import reprlib
 from collections.abc import Callable, Iterable, Mapping
@@ -356,8 +357,9 @@ def to_jax(value: Any, where: str, sharding: jax.sharding.Sharding | None = None
         placed = jnp.array(array, copy=True)
     else:
         placed = jax.device_put(array)
-    # one tensor at a time: queued transfers would each hold a staging copy meanwhile
-    return placed.block_until_ready()
+    # one large tensor at a time: queued transfers would each hold a staging copy
+    # meanwhile; a small one's is at most `STAGED_BYTES` (and on the CPU placed already)
+    return placed.block_until_ready() if array.nbytes > STAGED_BYTES else placed
 
 
 STAGED_BYTES = 1 << 16
@@ -375,16 +377,26 @@ def native_numbers(value: Any, where: str) -> np.ndarray:
     complex, bf16 / fp8) in native byte order; a big-endian array is converted (same
     values). Strings, bytes, dates and objects are a `FormatError` naming `where`."""
     array = np.asarray(on_this_process(value, where))
-    if not (jnp.issubdtype(array.dtype, jnp.number) or array.dtype == np.bool_):
+    canonical = _canonical(array.dtype.type)
+    if canonical is None:
         raise FormatError(
             f"{where}: {reprlib.repr(value)} is of dtype {array.dtype}, where an array of "
             "numbers is expected"
         )
     if not array.dtype.isnative:
         array = array.astype(array.dtype.newbyteorder("="))
-    # numpy's canonical type of the kind and size: `np.asarray(2**63)` is a `ulonglong`,
-    # which torch refuses, where the same `uint64` it takes
-    return array.view(np.dtype(array.dtype.str)) if array.dtype.kind in "biufc" else array
+    return array if array.dtype.type is canonical.type else array.view(canonical)
+
+
+@functools.cache
+def _canonical(scalar_type: type) -> np.dtype | None:
+    """numpy's canonical dtype of a type of numbers, None for other types (strings,
+    dates, objects); asked once per type, not per array. `np.asarray(2**63)` is a
+    `ulonglong`, which torch refuses, where the same `uint64` it takes."""
+    dtype = np.dtype(scalar_type)
+    if not (jnp.issubdtype(dtype, jnp.number) or dtype == np.bool_):
+        return None
+    return np.dtype(dtype.str) if dtype.kind in "biufc" else dtype
 
 
 CASTINGS = ("same_kind", "unsafe")

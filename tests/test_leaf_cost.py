@@ -257,6 +257,13 @@ def test_no_conversion_leaves_objects_of_bridge_in_cycles(tmp_path):
         ),
         "nnx -> linen": lambda: bridge.convert(model, to="linen", progress=False),
         "plan": lambda: bridge.plan(state_dict, to="nnx", template=template, rules="auto"),
+        "a mismatch, reported": lambda: bridge.convert(
+            {**state_dict, "blocks.0.lin.weight": np.zeros((5, 5), np.float32)},
+            to="nnx",
+            template=template,
+            strict=False,
+            progress=False,
+        ),
     }
     for name, call in calls.items():
         assert _bridge_garbage(call) == [], name

@@ -24,8 +24,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
-from orbax.checkpoint import type_handlers
-from orbax.checkpoint._src.futures import future
+from orbax.checkpoint import future, type_handlers
 
 from bridge import multihost
 from bridge.errors import BridgeError, FormatError
