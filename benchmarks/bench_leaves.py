@@ -7,10 +7,13 @@ The model is `blocks.{i}.lin.{kernel (3, 2), bias (2,)}`: two leaves per block, 
 the bytes are negligible and what is measured is the cost per leaf. Each operation runs
 in a fresh process against its do-it-yourself counterpart (`nnx.state` /
 `traverse_util` flatten-unflatten plus the same array placement, `jnp.asarray`);
-the ratio is bridge / DIY from the same run. The template is built from
-`nnx.Param(ShapeDtypeStruct)` leaves: `nnx.eval_shape` of the same model takes 100 s
-for 1,000 leaves on this machine (Flax traces every initializer), which would dwarf
-what is measured. `--profile` prints the cProfile of the bridge side instead.
+the ratio is bridge / DIY from the same run. Each timed call ends with `gc.collect()`
+on both sides: bridge pauses Python's cyclic collector while it builds objects, and
+what the pause puts off (one scan of what the call made) is paid inside the timing.
+The template is built from `nnx.Param(ShapeDtypeStruct)` leaves: `nnx.eval_shape` of
+the same model takes 100 s for 1,000 leaves on this machine (Flax traces every
+initializer), which would dwarf what is measured. `--profile` prints the cProfile of
+the bridge side instead.
 """
 
 from __future__ import annotations
