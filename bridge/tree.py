@@ -539,7 +539,6 @@ class PathLookup:
     def __init__(self, items: Mapping[Path, Any]) -> None:
         self.items = items
         self.exact = {match_key(path): value for path, value in items.items()}
-        self._by_position: dict[str, list[Any]] | None = None
 
     def get(self, path: Path, default: Any = None) -> Any:
         found = self.exact.get(match_key(path))
@@ -548,14 +547,13 @@ class PathLookup:
         candidates = self.by_position.get(position_key(path), [])
         return candidates[0] if len(candidates) == 1 else default
 
-    @property
+    @functools.cached_property
     def by_position(self) -> dict[str, list[Any]]:
         """The values by position key, made at the first lookup the exact keys miss."""
-        if self._by_position is None:
-            self._by_position = {}
-            for path, value in self.items.items():
-                self._by_position.setdefault(position_key(path), []).append(value)
-        return self._by_position
+        by_position: dict[str, list[Any]] = {}
+        for path, value in self.items.items():
+            by_position.setdefault(position_key(path), []).append(value)
+        return by_position
 
     def __bool__(self) -> bool:
         return bool(self.exact)
